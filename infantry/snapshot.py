@@ -1,0 +1,218 @@
+"""The Snapshot: an immutable set of files, and the rules every path in it must follow."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from infantry.errors import SettingsError, UnsafeDataError
+
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits applied while a source reads, so oversize data is refused before it is held."""
+
+    max_file_size: int = 8 * 1024 * 1024
+    max_total_size: int = 128 * 1024 * 1024
+    max_files: int = 100_000
+
+
+def check_path(path: str) -> str | None:
+    """Return why ``path`` is unsafe as a relative path in the destination, or None if it is safe."""
+    if not path:
+        return "empty path"
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "name is not valid UTF-8"
+    if "\x00" in path:
+        return "NUL byte in name"
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path):
+        return "control character in name"
+    if path.startswith("/"):
+        return "absolute path"
+    if len(encoded) > MAX_PATH_BYTES:
+        return f"path longer than {MAX_PATH_BYTES} bytes"
+    for part in path.split("/"):
+        if part in ("", "."):
+            return "empty or '.' path component"
+        if part == "..":
+            return "'..' path component"
+        if part.startswith(".."):
+            return f"reserved name {part!r} (names starting with '..' belong to infantry)"
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            return f"name longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def printable(path: str) -> str:
+    """Render a (possibly hostile) path for a log line or error message."""
+    shown = path.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+    return repr(shown if len(shown) <= 120 else shown[:117] + "...")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file's content, and whether it should be executable."""
+
+    data: bytes
+    executable: bool = False
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An immutable mapping from safe relative paths to file entries, with a content digest."""
+
+    files: Mapping[str, FileEntry] = field(default_factory=lambda: MappingProxyType({}))
+    version: str = ""
+
+    @classmethod
+    def of(cls, files: Mapping[str, FileEntry]) -> Snapshot:
+        """Build a Snapshot from already validated entries, computing its version."""
+        return cls(MappingProxyType(dict(files)), digest(files))
+
+    @property
+    def short_version(self) -> str:
+        """The first 12 hex digits of the version, for log lines."""
+        return self.version[:12]
+
+    def top_level(self) -> set[str]:
+        """The names of the entries at the top of the set (files and directories)."""
+        return {path.split("/", 1)[0] for path in self.files}
+
+    def total_size(self) -> int:
+        """The number of content bytes in the set."""
+        return sum(len(entry.data) for entry in self.files.values())
+
+
+def digest(files: Mapping[str, FileEntry]) -> str:
+    """A SHA-256 over paths, executable bits and content, independent of insertion order."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        entry = files[path]
+        encoded = path.encode("utf-8")
+        h.update(b"%d:%s:%d:%d:" % (len(encoded), encoded, entry.executable, len(entry.data)))
+        h.update(entry.data)
+    return h.hexdigest()
+
+
+class SnapshotBuilder:
+    """Collects a source's files, validating each path and enforcing the size limits as it goes."""
+
+    def __init__(self, source: str, limits: Limits) -> None:
+        self._source = source
+        self._limits = limits
+        self._files: dict[str, FileEntry] = {}
+        self._total = 0
+
+    @property
+    def source(self) -> str:
+        """The (redacted) name of the source being read."""
+        return self._source
+
+    @property
+    def max_files(self) -> int:
+        """The file-count limit."""
+        return self._limits.max_files
+
+    @property
+    def max_total_size(self) -> int:
+        """The total-size limit in bytes."""
+        return self._limits.max_total_size
+
+    def remaining(self) -> int:
+        """The most bytes the next file may hold under the per-file and total limits."""
+        return min(self._limits.max_file_size, self._limits.max_total_size - self._total)
+
+    def check_dir(self, path: str) -> None:
+        """Refuse a directory whose path is unsafe, even though directories are not kept."""
+        reason = check_path(path)
+        if reason is not None:
+            raise self.reject(f"unsafe path {printable(path)}: {reason}")
+
+    def reject(self, message: str) -> UnsafeDataError:
+        """An UnsafeDataError for this source."""
+        return UnsafeDataError(self._source, message)
+
+    def check_size(self, path: str, size: int) -> None:
+        """Refuse a file of ``size`` bytes before it is read, if it would break a limit."""
+        if size > self._limits.max_file_size:
+            raise self.reject(
+                f"{printable(path)} is {size} bytes, over the per-file limit of {self._limits.max_file_size}"
+            )
+        if self._total + size > self._limits.max_total_size:
+            raise self.reject(
+                f"total size passes the limit of {self._limits.max_total_size} bytes at {printable(path)}"
+            )
+
+    def add(self, path: str, data: bytes, *, executable: bool = False) -> None:
+        """Add one file, or raise UnsafeDataError naming the source and the path."""
+        reason = check_path(path)
+        if reason is not None:
+            raise self.reject(f"unsafe path {printable(path)}: {reason}")
+        if path in self._files:
+            raise self.reject(f"{printable(path)} appears twice")
+        if len(self._files) >= self._limits.max_files:
+            raise self.reject(f"more than {self._limits.max_files} files")
+        self.check_size(path, len(data))
+        self._files[path] = FileEntry(data, executable)
+        self._total += len(data)
+
+    def build(self) -> Snapshot:
+        """The finished Snapshot. An empty set, or a name that is both file and directory, is refused."""
+        if not self._files:
+            raise self.reject("the source holds no files")
+        clash = find_file_dir_clash(self._files)
+        if clash is not None:
+            raise self.reject(f"{printable(clash)} is both a file and a directory")
+        return Snapshot.of(self._files)
+
+
+def find_file_dir_clash(paths: Iterable[str]) -> str | None:
+    """Return a path that is used as a file and also as a directory above another path, if any."""
+    files = set(paths)
+    for path in files:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent in files:
+                return parent
+    return None
+
+
+@dataclass(frozen=True)
+class Part:
+    """One source's snapshot, and the sub-directory of the destination it belongs in."""
+
+    source: str
+    subdir: str
+    snapshot: Snapshot
+
+
+def merge(parts: Iterable[Part]) -> Snapshot:
+    """Merge several sources' snapshots into one. Two sources claiming a path is a SettingsError."""
+    files: dict[str, FileEntry] = {}
+    owner: dict[str, str] = {}
+    for part in parts:
+        prefix = f"{part.subdir}/" if part.subdir else ""
+        for path, entry in part.snapshot.files.items():
+            full = prefix + path
+            if full in files:
+                raise SettingsError(
+                    f"sources {owner[full]} and {part.source} both provide {printable(full)}; "
+                    "give each source its own 'dir' in the config file"
+                )
+            files[full] = entry
+            owner[full] = part.source
+    clash = find_file_dir_clash(files)
+    if clash is not None:
+        raise SettingsError(
+            f"{printable(clash)} is a file in one source and a directory in another; "
+            "give each source its own 'dir' in the config file"
+        )
+    return Snapshot.of(files)

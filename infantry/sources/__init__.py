@@ -1,0 +1,54 @@
+"""Sources: one module per backend, behind the small ``Source`` protocol, chosen by URL scheme."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from infantry.settings import SourceSpec
+from infantry.snapshot import Limits, Snapshot
+
+
+class Source(Protocol):
+    """A store that produces whole Snapshots.
+
+    ``watch()`` yields a full Snapshot first, then a Snapshot each time the content changes, and
+    None after a good round trip that found nothing new (that keeps ``/healthz`` informed). It
+    raises SourceError or UnsafeDataError; calling it again resumes where it can.
+    """
+
+    name: str
+
+    async def fetch(self) -> Snapshot:
+        """Read the whole set once."""
+
+    def watch(self) -> AsyncIterator[Snapshot | None]:
+        """Follow the store: a full Snapshot, then one per change, or None when nothing changed."""
+
+    async def aclose(self) -> None:
+        """Release connections and watchers."""
+
+
+def redact_url(url: str) -> str:
+    """The URL without password or query string, safe to log."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    query = "***" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def open_source(spec: SourceSpec, limits: Limits, interval: float) -> Source:
+    """The backend for the spec's URL scheme. Backends are imported only when used."""
+    if spec.scheme == "file":
+        from infantry.sources.file import FileSource
+
+        return FileSource(spec, limits, interval)
+    if spec.scheme in ("http", "https"):
+        from infantry.sources.http import HttpSource
+
+        return HttpSource(spec, limits, interval)
+    raise AssertionError(f"settings accepted an unknown scheme: {spec.scheme}")

@@ -1,0 +1,178 @@
+"""``http://`` and ``https://`` sources: one document (or archive), polled with conditional GET."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import httpx
+
+from infantry.archive import archive_kind, inflate_cap, unpack
+from infantry.errors import SettingsError, SourceError
+from infantry.settings import SourceSpec
+from infantry.snapshot import Limits, Snapshot, SnapshotBuilder
+from infantry.sources import redact_url
+
+JITTER = 0.1
+# Answers that will not improve by asking again soon; anything else (5xx, 429, 408) is temporary.
+_PERMANENT = frozenset({400, 401, 403, 404, 405, 406, 410, 414, 451})
+
+
+def build_client(spec: SourceSpec, timeout: float = 10.0) -> httpx.AsyncClient:
+    """An HTTP client for one source, with its CA file and client certificate."""
+    context = ssl.create_default_context(cafile=str(spec.ca_file) if spec.ca_file else None)
+    if spec.client_cert is not None and spec.client_key is not None:
+        try:
+            context.load_cert_chain(spec.client_cert, spec.client_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsError(f"client-cert: cannot load {spec.client_cert}: {exc}") from exc
+    return httpx.AsyncClient(verify=context, timeout=timeout, follow_redirects=True, trust_env=False)
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Parse a ``Retry-After`` header: seconds, or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def _read_secret(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SettingsError(f"{what}: cannot read {path}: {exc.strerror}") from exc
+
+
+class HttpSource:
+    """One HTTP document, or an archive of many files, polled every interval with jitter."""
+
+    def __init__(
+        self,
+        spec: SourceSpec,
+        limits: Limits,
+        interval: float,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._spec = spec
+        self.name = redact_url(spec.url)
+        self._limits = limits
+        self._interval = interval
+        self._client = client if client is not None else build_client(spec)
+        path = unquote(urlsplit(spec.url).path)
+        self._file_name = spec.name or path.rsplit("/", 1)[-1]
+        if not self._file_name:
+            raise SettingsError(f"source {self.name}: the URL names no file; set 'name' for this source")
+        self._archive = archive_kind(self._file_name)
+        self._etag: str | None = None
+        self._last_modified: str | None = None
+        self._last: Snapshot | None = None
+
+    def _headers(self) -> dict[str, str]:
+        headers = dict(self._spec.headers)
+        if self._spec.bearer_token_file is not None:
+            # Read on every request, so a rotated token is picked up without a restart.
+            headers["Authorization"] = "Bearer " + _read_secret(self._spec.bearer_token_file, "bearer-token-file")
+        if self._last is not None:
+            if self._etag:
+                headers["If-None-Match"] = self._etag
+            if self._last_modified:
+                headers["If-Modified-Since"] = self._last_modified
+        return headers
+
+    def _auth(self) -> httpx.BasicAuth | None:
+        if self._spec.username is None:
+            return None
+        password = _read_secret(self._spec.password_file, "password-file") if self._spec.password_file else ""
+        return httpx.BasicAuth(self._spec.username, password)
+
+    async def poll(self) -> Snapshot | None:
+        """One conditional GET: a new Snapshot, or None when the document has not changed."""
+        body_cap = (
+            inflate_cap(SnapshotBuilder(self.name, self._limits)) if self._archive else self._limits.max_file_size
+        )
+        try:
+            async with self._client.stream("GET", self._spec.url, headers=self._headers(), auth=self._auth()) as resp:
+                if resp.status_code == 304 and self._last is not None:
+                    return None
+                if resp.status_code != 200:
+                    raise self._status_error(resp)
+                body = await self._read_capped(resp, body_cap)
+                etag, last_modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
+        except httpx.HTTPError as exc:
+            raise SourceError(self.name, f"request failed: {type(exc).__name__}: {exc}") from exc
+        snapshot = self._parse(body)
+        # Remember validators only for content that parsed, so bad content is fetched again, not skipped.
+        self._etag, self._last_modified = etag, last_modified
+        if self._last is not None and snapshot.version == self._last.version:
+            return None
+        self._last = snapshot
+        return snapshot
+
+    def _status_error(self, resp: httpx.Response) -> SourceError:
+        status = resp.status_code
+        retry_after = (
+            retry_after_seconds(resp.headers.get("Retry-After"), time.time()) if status in (429, 503) else None
+        )
+        return SourceError(
+            self.name,
+            f"HTTP {status} {resp.reason_phrase}",
+            temporary=status not in _PERMANENT,
+            retry_after=retry_after,
+        )
+
+    async def _read_capped(self, resp: httpx.Response, cap: int) -> bytes:
+        declared = resp.headers.get("Content-Length")
+        builder = SnapshotBuilder(self.name, self._limits)
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            raise builder.reject(f"response of {declared} bytes is over the limit of {cap}")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.aiter_bytes():
+            size += len(chunk)
+            if size > cap:
+                raise builder.reject(f"response passes the limit of {cap} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _parse(self, body: bytes) -> Snapshot:
+        builder = SnapshotBuilder(self.name, self._limits)
+        if self._archive is None:
+            builder.add(self._file_name, body)
+        else:
+            unpack(self._archive, body, builder)
+        return builder.build()
+
+    async def fetch(self) -> Snapshot:
+        """Download the whole set, ignoring what was seen before."""
+        self._last = None
+        snapshot = await self.poll()
+        assert snapshot is not None  # with nothing seen before, a poll always returns content
+        return snapshot
+
+    async def watch(self) -> AsyncIterator[Snapshot | None]:
+        """Poll every interval (±10% jitter, so many pods do not poll in step)."""
+        if self._last is None:
+            yield await self.fetch()
+        else:
+            # Resuming after an error: the agent already holds our last snapshot.
+            yield await self.poll()
+        while True:
+            await asyncio.sleep(self._interval * random.uniform(1 - JITTER, 1 + JITTER))
+            yield await self.poll()
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self._client.aclose()
