@@ -1,0 +1,68 @@
+"""Fixtures that start real servers and processes, and always stop them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import Nginx, ReloadEndpoint, SignalRecorder, TlsFiles, Watch, free_port
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[Nginx]:
+    server = Nginx(tmp_path / "nginx", free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("infantry-client@example.test")
+    d = tmp_path_factory.mktemp("tls")
+    files = TlsFiles(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key")
+    ca.cert_pem.write_to_path(str(files.ca))
+    server.cert_chain_pems[0].write_to_path(str(files.server_cert))
+    server.private_key_pem.write_to_path(str(files.server_key))
+    client.cert_chain_pems[0].write_to_path(str(files.client_cert))
+    client.private_key_pem.write_to_path(str(files.client_key))
+    return files
+
+
+@pytest.fixture
+def nginx_tls(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Nginx]:
+    server = Nginx(tmp_path / "nginx-tls", free_port(), tls_port=free_port(), tls=tls_files)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[SignalRecorder]:
+    recorder = SignalRecorder(tmp_path)
+    yield recorder
+    recorder.stop()
+
+
+@pytest.fixture
+def reload_endpoint() -> Iterator[ReloadEndpoint]:
+    endpoint = ReloadEndpoint()
+    yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture
+def watches() -> Iterator[list[Watch]]:
+    """Every `infantry watch` a test starts; any still running at the end is stopped."""
+    started: list[Watch] = []
+    yield started
+    for watch in started:
+        if watch.proc.poll() is None:
+            watch.proc.kill()
+            watch.proc.wait()

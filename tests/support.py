@@ -1,0 +1,376 @@
+"""Real parts for the tests: nginx, an app that records signals, a reload endpoint, and infantry itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+import pytest
+
+HELPERS = Path(__file__).parent / "helpers"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def wait_until(what: str, condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> None:
+    """Poll ``condition`` until it holds, failing the test with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def holds_for(condition: Callable[[], bool], seconds: float) -> bool:
+    """True if ``condition`` stays true for a whole observation window (to show nothing more happens)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not condition():
+            return False
+        time.sleep(0.02)
+    return condition()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def require_binary(name: str, package: str) -> str:
+    """The path of a server binary; its absence fails the test (``make test`` installs it)."""
+    found = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
+    )
+    if found is None:
+        pytest.fail(f"{name} is not installed; `make test` installs Debian's {package} when run as root")
+    return found
+
+
+def infantry(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the infantry command line, as a user would."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("INFANTRY_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "infantry", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (links as '-> target'), to show what changed on disk."""
+    out: dict[str, str] = {}
+    if not root.exists():
+        return out
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            out[rel] = "-> " + os.readlink(path)
+        elif path.is_file():
+            out[rel] = path.read_bytes().decode("utf-8", "replace")
+        else:
+            out[rel] = "dir"
+    return out
+
+
+def read_as_app(dest: Path) -> dict[str, str]:
+    """What an app sees: every file reached through the top-level names, not the hidden entries."""
+    seen: dict[str, str] = {}
+    for entry in sorted(os.listdir(dest)):
+        if entry.startswith(".."):
+            continue
+        path = dest / entry
+        if path.is_dir():
+            for inner in sorted(path.rglob("*")):
+                if inner.is_file():
+                    seen[inner.relative_to(dest).as_posix()] = inner.read_text()
+        else:
+            seen[entry] = path.read_text()
+    return seen
+
+
+# -- nginx -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TlsFiles:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+@dataclass
+class Nginx:
+    """A real nginx on a loopback port, serving ``root``, logging each request to ``access.log``."""
+
+    workdir: Path
+    port: int
+    tls_port: int | None = None
+    tls: TlsFiles | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    root: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.root = self.workdir / "www"
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "htpasswd").write_text("alice:{PLAIN}wonderland\n")
+        (self.workdir / "nginx.conf").write_text(self._config())
+
+    def _config(self) -> str:
+        w = self.workdir
+        user = "user root;" if os.geteuid() == 0 else ""
+        tls_server = ""
+        if self.tls is not None and self.tls_port is not None:
+            tls_server = f"""
+    server {{
+        listen 127.0.0.1:{self.tls_port} ssl;
+        ssl_certificate {self.tls.server_cert};
+        ssl_certificate_key {self.tls.server_key};
+        ssl_client_certificate {self.tls.ca};
+        ssl_verify_client on;
+        root {self.root};
+    }}"""
+        return f"""
+{user}
+worker_processes 1;
+daemon off;
+pid {w}/nginx.pid;
+error_log {w}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    log_format probe '$msec|$status|$request_method|$uri|$http_authorization|$http_if_none_match|$http_if_modified_since|$body_bytes_sent';
+    access_log {w}/access.log probe;
+    client_body_temp_path {w}/tmp-body;
+    proxy_temp_path {w}/tmp-proxy;
+    fastcgi_temp_path {w}/tmp-fastcgi;
+    uwsgi_temp_path {w}/tmp-uwsgi;
+    scgi_temp_path {w}/tmp-scgi;
+    types {{ text/plain txt yaml conf; application/gzip gz tgz; application/x-tar tar; application/zip zip; }}
+    default_type application/octet-stream;
+    etag on;
+    server {{
+        listen 127.0.0.1:{self.port};
+        root {self.root};
+        location /bearer/ {{
+            if ($http_authorization !~ "^Bearer (sesame|opensesame)$") {{ return 401; }}
+        }}
+        location /basic/ {{
+            auth_basic "infantry tests";
+            auth_basic_user_file {w}/htpasswd;
+        }}
+        location = /busy.yaml {{
+            add_header Retry-After 1 always;
+            return 503;
+        }}
+        location = /html/bundle.tar.gz {{
+            default_type text/html;
+            return 200 "<html><body>Oops, the config store is down</body></html>";
+        }}
+    }}{tls_server}
+}}
+"""
+
+    def start(self) -> None:
+        binary = require_binary("nginx", "nginx-light")
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "-p",
+                str(self.workdir),
+                "-e",
+                str(self.workdir / "error.log"),
+                "-c",
+                str(self.workdir / "nginx.conf"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while not (port_open(self.port) and (self.tls_port is None or port_open(self.tls_port))):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                pytest.fail(f"nginx did not start: {err}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        wait_until("nginx to release its port", lambda: not port_open(self.port), timeout=10)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def tls_url(self, path: str) -> str:
+        return f"https://127.0.0.1:{self.tls_port}/{path.lstrip('/')}"
+
+    def requests(self, path: str) -> list[list[str]]:
+        """Access-log rows for ``path``: [msec, status, method, uri, authorization, if-none-match, if-modified-since, bytes]."""
+        log = self.workdir / "access.log"
+        if not log.exists():
+            return []
+        rows = []
+        for line in log.read_text().splitlines():
+            parts = line.split("|")
+            if parts[3] == "/" + path.lstrip("/"):
+                rows.append(["" if p == "-" else p for p in parts])
+        return rows
+
+
+# -- the app, a reload endpoint, and infantry watch ---------------------------------------------------
+
+
+class SignalRecorder:
+    """A real child process that records each SIGHUP it receives (and what the config said then)."""
+
+    def __init__(self, workdir: Path, config: Path | None = None, argv0: str | None = None) -> None:
+        self.pid_file = workdir / "app.pid"
+        self.record = workdir / "signals.log"
+        args = [str(HELPERS / "sigrecorder.py"), str(self.pid_file), str(self.record)]
+        if config is not None:
+            args.append(str(config))
+        if argv0 is not None:
+            # exec -a gives the process the argv[0] that `--process NAME` looks for.
+            self.proc = subprocess.Popen(["bash", "-c", f'exec -a {argv0} "$@"', "bash", sys.executable, *args])
+        else:
+            self.proc = subprocess.Popen([sys.executable, *args])
+        wait_until("the app to write its PID file", self.pid_file.exists)
+
+    def signals(self) -> list[str]:
+        return self.record.read_text().splitlines() if self.record.exists() else []
+
+    def count(self) -> int:
+        return len(self.signals())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+class ReloadEndpoint:
+    """A real HTTP server that records reload calls and answers with ``status``."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+        self.status = status
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                outer.calls.append((self.command, self.path, self.headers.get("X-Infantry-Version", "")))
+                self.send_response(outer.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_PUT = do_GET = _record  # noqa: N815
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/-/reload"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class Watch:
+    """``infantry watch`` as a real process, with its health endpoint on a free port."""
+
+    def __init__(self, workdir: Path, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.log_path = workdir / f"watch-{self.port}.log"
+        self._log = self.log_path.open("w")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("INFANTRY_")}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "infantry", "watch", *args, "--listen", f"127.0.0.1:{self.port}"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+        )
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError:
+            return 0, ""
+
+    def wait_ready(self, timeout: float = 10) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"infantry watch exited {self.proc.returncode}:\n{self.log()}")
+            return self.get("/readyz")[0] == 200
+
+        wait_until("infantry watch to be ready", ready, timeout)
+
+    def metric(self, name: str, **labels: str) -> float:
+        status, body = self.get("/metrics")
+        assert status == 200, body
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return 0.0
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, timeout: float = 5) -> tuple[int, float]:
+        """SIGTERM, then the exit code and how long it took to exit."""
+        started = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"infantry watch did not stop within {timeout}s:\n{self.log()}")
+        self._log.close()
+        return code, time.monotonic() - started
+
+
+def kill_all(procs: Iterator[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from infantry.errors import CheckFailed, PublishError
+from infantry.publish import DATA, PREVIOUS, DirectPublisher, KubeletPublisher
+from infantry.snapshot import FileEntry, Snapshot
+from tests.support import read_as_app, tree
+
+
+def snap(**files: str) -> Snapshot:
+    return Snapshot.of({k.replace("__", "/"): FileEntry(v.encode()) for k, v in files.items()})
+
+
+def snapshot_dirs(dest: Path) -> list[str]:
+    return sorted(p.name for p in dest.iterdir() if p.name.startswith("..2"))
+
+
+def test_kubelet_layout_is_what_configmap_volumes_look_like(tmp_path: Path) -> None:
+    dest = tmp_path / "configs"
+    publisher = KubeletPublisher(dest, 0o644)
+    assert publisher.publish(Snapshot.of({"app.yaml": FileEntry(b"a: 1"), "conf/d/x": FileEntry(b"x")}))
+    live = os.readlink(dest / DATA)
+    assert snapshot_dirs(dest) == [live]
+    assert os.readlink(dest / "app.yaml") == "..data/app.yaml"
+    assert os.readlink(dest / "conf") == "..data/conf"
+    assert read_as_app(dest) == {"app.yaml": "a: 1", "conf/d/x": "x"}
+    assert (dest / live / "app.yaml").stat().st_mode & 0o777 == 0o644
+    assert (dest / live).stat().st_mode & 0o777 == 0o755
+
+
+def test_unchanged_snapshot_writes_nothing(tmp_path: Path) -> None:
+    dest = tmp_path / "configs"
+    assert KubeletPublisher(dest, 0o644).publish(snap(a="1"))
+    before = {p: (p.lstat().st_ino, p.lstat().st_mtime_ns) for p in dest.rglob("*")}
+    # A fresh publisher (a sidecar starting after install) reads the set back and sees it unchanged.
+    assert not KubeletPublisher(dest, 0o644).publish(snap(a="1"))
+    assert {p: (p.lstat().st_ino, p.lstat().st_mtime_ns) for p in dest.rglob("*")} == before
+
+
+def test_unchanged_files_are_hard_linked_and_stale_entries_removed(tmp_path: Path) -> None:
+    dest = tmp_path / "configs"
+    publisher = KubeletPublisher(dest, 0o644)
+    publisher.publish(snap(keep="same", gone="old", sub__x="1"))
+    first = os.readlink(dest / DATA)
+    publisher.publish(snap(keep="same", new="n"))
+    second = os.readlink(dest / DATA)
+    assert (dest / first / "keep").stat().st_ino == (dest / second / "keep").stat().st_ino
+    assert read_as_app(dest) == {"keep": "same", "new": "n"}
+    assert not os.path.lexists(dest / "gone")
+    assert not os.path.lexists(dest / "sub")
+    assert os.readlink(dest / PREVIOUS) == first
+    publisher.publish(snap(third="3"))
+    # Only the live snapshot and the one kept for rollback remain.
+    assert snapshot_dirs(dest) == sorted([second, os.readlink(dest / DATA)])
+
+
+def test_a_refused_gate_leaves_the_destination_as_it_was(tmp_path: Path) -> None:
+    dest = tmp_path / "configs"
+    publisher = KubeletPublisher(dest, 0o644)
+    publisher.publish(snap(app="good"))
+    before = tree(dest)
+    staged_seen: list[Path] = []
+
+    def refuse(staged: Path) -> None:
+        staged_seen.append(staged)
+        assert (staged / "app").read_text() == "bad"
+        raise CheckFailed("no")
+
+    with pytest.raises(CheckFailed):
+        publisher.publish(snap(app="bad", extra="x"), refuse)
+    assert tree(dest) == before
+    assert not staged_seen[0].exists()
+    assert publisher.current() == snap(app="good")
+
+
+def test_startup_removes_leftovers_of_a_crash(tmp_path: Path) -> None:
+    dest = tmp_path / "configs"
+    KubeletPublisher(dest, 0o644).publish(snap(a="1"))
+    (dest / "..2020_01_01_00_00_00.000000001").mkdir()
+    (dest / "..tmp-link-1-2").symlink_to("..data/a")
+    (dest / "..data_tmp").symlink_to("nowhere")
+    KubeletPublisher(dest, 0o644).publish(snap(a="2"))
+    names = sorted(os.listdir(dest))
+    assert "..2020_01_01_00_00_00.000000001" not in names
+    assert not [n for n in names if n.startswith("..tmp") or n == "..data_tmp"]
+    assert read_as_app(dest) == {"a": "2"}
+
+
+def test_hostile_links_in_the_destination_are_replaced_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a").write_text("precious")
+    dest = tmp_path / "configs"
+    dest.mkdir()
+    (dest / DATA).symlink_to(outside)
+    (dest / "a").symlink_to(outside / "a")
+    publisher = KubeletPublisher(dest, 0o644)
+    assert publisher.current() is None
+    publisher.publish(snap(a="ours"))
+    assert (outside / "a").read_text() == "precious"
+    assert sorted(os.listdir(outside)) == ["a"]
+    assert os.readlink(dest / DATA).startswith("..2")
+    assert read_as_app(dest) == {"a": "ours"}
+
+
+def test_a_foreign_directory_is_refused(tmp_path: Path) -> None:
+    dest = tmp_path / "configs"
+    (dest / "app").mkdir(parents=True)
+    (dest / "app" / "keep").write_text("user data")
+    with pytest.raises(PublishError, match="refusing to replace directory"):
+        KubeletPublisher(dest, 0o644).publish(snap(app="x"))
+    assert (dest / "app" / "keep").read_text() == "user data"
+    assert not os.path.lexists(dest / DATA)
+
+
+def test_file_mode_and_executable_bit(tmp_path: Path) -> None:
+    dest = tmp_path / "configs"
+    KubeletPublisher(dest, 0o640).publish(Snapshot.of({"run.sh": FileEntry(b"#!", True), "c": FileEntry(b"")}))
+    assert (dest / "c").stat().st_mode & 0o777 == 0o640
+    assert (dest / "run.sh").stat().st_mode & 0o777 == 0o750
+
+
+def test_direct_layout_writes_plain_files_and_removes_stale_ones(tmp_path: Path) -> None:
+    dest = tmp_path / "configs"
+    publisher = DirectPublisher(dest, 0o644)
+    assert publisher.publish(snap(a="1", sub__deep__b="2"))
+    assert (dest / "a").is_file() and not (dest / "a").is_symlink()
+    ino = (dest / "a").stat().st_ino
+    assert publisher.publish(snap(a="1", c="3"))
+    assert (dest / "a").stat().st_ino == ino  # unchanged files are not rewritten
+    assert read_as_app(dest) == {"a": "1", "c": "3"}
+    assert not (dest / "sub").exists()
+    assert not DirectPublisher(dest, 0o644).publish(snap(a="1", c="3"))
+
+
+def test_direct_layout_refuses_to_write_through_a_linked_directory(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "configs"
+    dest.mkdir()
+    (dest / "sub").symlink_to(outside)
+    with pytest.raises(PublishError, match="refusing to write through"):
+        DirectPublisher(dest, 0o644).publish(snap(sub__x="1"))
+    assert list(outside.iterdir()) == []

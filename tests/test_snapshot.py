@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import pytest
+
+from infantry.errors import SettingsError, UnsafeDataError
+from infantry.snapshot import FileEntry, Limits, Part, Snapshot, SnapshotBuilder, check_path, merge
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["app.yaml", "conf.d/a.conf", ".hidden", "a..b", "ünïcode.txt", "x" * 255, "/".join(["d"] * 100) + "/f"],
+)
+def test_safe_paths_pass(path: str) -> None:
+    assert check_path(path) is None
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("", "empty"),
+        ("/etc/passwd", "absolute"),
+        ("../escape", "'..'"),
+        ("a/../../b", "'..'"),
+        ("..data", "reserved"),
+        ("sub/..2026_01_01", "reserved"),
+        ("a//b", "empty"),
+        ("./a", "'.'"),
+        ("nul\x00byte", "NUL"),
+        ("line\nbreak", "control"),
+        ("x" * 256, "longer than 255"),
+        ("/".join(["d" * 200] * 21), "longer than 4096"),
+        ("bad\udcff", "UTF-8"),
+    ],
+)
+def test_unsafe_paths_are_named(path: str, reason: str) -> None:
+    found = check_path(path)
+    assert found is not None
+    assert reason in found
+
+
+def test_digest_ignores_order_and_sees_content_and_mode() -> None:
+    a = Snapshot.of({"a": FileEntry(b"1"), "b": FileEntry(b"2")})
+    b = Snapshot.of({"b": FileEntry(b"2"), "a": FileEntry(b"1")})
+    assert a.version == b.version
+    assert Snapshot.of({"a": FileEntry(b"1"), "b": FileEntry(b"3")}).version != a.version
+    assert Snapshot.of({"a": FileEntry(b"1", True), "b": FileEntry(b"2")}).version != a.version
+    # Path and content boundaries cannot be shifted to forge the same digest.
+    assert Snapshot.of({"ab": FileEntry(b"c")}).version != Snapshot.of({"a": FileEntry(b"bc")}).version
+
+
+def test_builder_enforces_limits_with_the_source_in_the_message() -> None:
+    builder = SnapshotBuilder("http://store/x", Limits(max_file_size=10, max_total_size=15, max_files=2))
+    builder.add("a", b"0123456789")
+    with pytest.raises(UnsafeDataError, match=r"http://store/x: 'big' is 11 bytes, over the per-file limit"):
+        builder.add("big", b"x" * 11)
+    with pytest.raises(UnsafeDataError, match="total size"):
+        builder.add("b", b"x" * 6)
+    builder.add("b", b"x" * 5)
+    with pytest.raises(UnsafeDataError, match="more than 2 files"):
+        builder.add("c", b"")
+
+
+def test_builder_refuses_empty_sets_and_file_dir_clashes() -> None:
+    with pytest.raises(UnsafeDataError, match="no files"):
+        SnapshotBuilder("s", Limits()).build()
+    builder = SnapshotBuilder("s", Limits())
+    builder.add("a", b"file")
+    builder.add("a/b", b"nested")
+    with pytest.raises(UnsafeDataError, match="'a' is both a file and a directory"):
+        builder.build()
+
+
+def test_merge_places_sources_in_their_dirs() -> None:
+    one = Snapshot.of({"app.yaml": FileEntry(b"1")})
+    two = Snapshot.of({"app.yaml": FileEntry(b"2")})
+    merged = merge([Part("file:///one", "", one), Part("file:///two", "extra", two)])
+    assert dict(merged.files) == {"app.yaml": FileEntry(b"1"), "extra/app.yaml": FileEntry(b"2")}
+
+
+def test_merge_refuses_a_path_claimed_twice() -> None:
+    one = Snapshot.of({"app.yaml": FileEntry(b"1")})
+    with pytest.raises(SettingsError, match=r"file:///one and file:///two both provide 'app.yaml'"):
+        merge([Part("file:///one", "", one), Part("file:///two", "", one)])
+    with pytest.raises(SettingsError, match="file in one source and a directory"):
+        merge([Part("a", "", Snapshot.of({"x": FileEntry(b"")})), Part("b", "x", one)])
