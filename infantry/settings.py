@@ -356,6 +356,8 @@ def settings_table() -> str:
         default: Any = info.get_default(call_default_factory=True)
         if isinstance(default, Wait):
             shown = f"`{default.min:g}`"
+        elif isinstance(default, ByteSize):
+            shown = f"`{default.human_readable(decimal=False)}`"
         elif name == "file_mode":
             shown = f"`{default:04o}`"
         elif default in (None, [], {}):

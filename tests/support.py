@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 HELPERS = Path(__file__).parent / "helpers"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -160,7 +159,8 @@ pid {w}/nginx.pid;
 error_log {w}/error.log warn;
 events {{ worker_connections 64; }}
 http {{
-    log_format probe '$msec|$status|$request_method|$uri|$http_authorization|$http_if_none_match|$http_if_modified_since|$body_bytes_sent';
+    log_format probe '$msec|$status|$request_method|$uri|$http_authorization'
+                     '|$http_if_none_match|$http_if_modified_since|$body_bytes_sent';
     access_log {w}/access.log probe;
     client_body_temp_path {w}/tmp-body;
     proxy_temp_path {w}/tmp-proxy;
@@ -231,7 +231,10 @@ http {{
         return f"https://127.0.0.1:{self.tls_port}/{path.lstrip('/')}"
 
     def requests(self, path: str) -> list[list[str]]:
-        """Access-log rows for ``path``: [msec, status, method, uri, authorization, if-none-match, if-modified-since, bytes]."""
+        """Access-log rows for ``path``.
+
+        Each is [msec, status, method, uri, authorization, if-none-match, if-modified-since, bytes].
+        """
         log = self.workdir / "access.log"
         if not log.exists():
             return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import tarfile
 import time
@@ -101,9 +102,8 @@ def test_two_sources_claiming_one_path_is_a_settings_error(tmp_path: Path) -> No
     assert "both provide 'app.yaml'" in result.stderr
     assert tree(dest) == {}
     config = tmp_path / "infantry.yaml"
-    config.write_text(
-        f"sources:\n  - url: {(tmp_path / 'one').as_uri()}\n    dir: one\n  - url: {(tmp_path / 'two').as_uri()}\n    dir: two\n"
-    )
+    one, two = (tmp_path / "one").as_uri(), (tmp_path / "two").as_uri()
+    config.write_text(f"sources:\n  - url: {one}\n    dir: one\n  - url: {two}\n    dir: two\n")
     result = infantry("install", "--config", str(config), "--dest", str(dest))
     assert result.returncode == 0, result.stderr
     assert read_as_app(dest) == {"one/app.yaml": "one", "two/app.yaml": "two"}
@@ -250,5 +250,5 @@ def test_retry_after_is_honoured(nginx: Nginx, tmp_path: Path) -> None:
     assert result.returncode == 3
     times = [float(row[0]) for row in nginx.requests("busy.yaml")]
     assert all(row[1] == "503" for row in nginx.requests("busy.yaml"))
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(times) >= 2 and min(gaps) >= 0.95, gaps
