@@ -114,6 +114,11 @@ class Agent:
         self._rejected: dict[str, None] = {}
         self._step: asyncio.Future[None] | None = None
 
+    @property
+    def source_names(self) -> list[str]:
+        """The sources' names as logs show them (no passwords or query strings)."""
+        return [source.name for _, source in self._sources]
+
     # -- install ---------------------------------------------------------------------------------
 
     async def install(self) -> InstallOutcome:
@@ -214,6 +219,8 @@ class Agent:
                 await asyncio.gather(self._step, return_exceptions=True)
             for _, source in self._sources:
                 await source.aclose()
+            for notifier in self._notifiers:
+                await notifier.aclose()
         if publishing.done() and not publishing.cancelled() and publishing.exception() is not None:
             raise publishing.exception()  # type: ignore[misc]
 

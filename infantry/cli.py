@@ -156,9 +156,7 @@ def watch(**given: Any) -> None:
         if settings.listen:
             host, _, port = settings.listen.rpartition(":")
             try:
-                server = HealthServer(
-                    host or "0.0.0.0", int(port), agent.health, agent.metrics, [spec.url for spec in settings.source]
-                )
+                server = HealthServer(host or "0.0.0.0", int(port), agent.health, agent.metrics, agent.source_names)
             except OSError as exc:
                 raise SettingsError(f"listen: cannot listen on {settings.listen}: {exc.strerror}") from exc
             server.start()

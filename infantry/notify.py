@@ -31,6 +31,9 @@ class Notifier(Protocol):
     async def notify(self, snapshot: Snapshot) -> None:
         """Tell the app; raise NotifyError if it could not be told."""
 
+    async def aclose(self) -> None:
+        """Release what the notifier holds open."""
+
 
 def find_processes(name: str, proc: Path = Path("/proc")) -> list[int]:
     """PIDs whose executable name, comm or argv[0] is ``name``, keeping only the top of each tree.
@@ -94,6 +97,9 @@ class SignalNotifier:
                 raise NotifyError(f"not allowed to signal process {pid}; run infantry as the app's user") from None
             logger.info("sent SIG%s to process %d", self._signal.name.removeprefix("SIG"), pid)
 
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
 
 class _BadStatus(Exception):
     pass
@@ -133,6 +139,10 @@ class HttpNotifier:
             raise NotifyError(f"reload call to {shown} failed: {exc}") from exc
         logger.info("called %s %s", self._http_method, shown)
 
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self._client.aclose()
+
 
 class ExecNotifier:
     """Runs a command, without a shell, with a timeout."""
@@ -151,3 +161,6 @@ class ExecNotifier:
         if not result.ok:
             raise NotifyError(f"reload command {self._argv[0]!r} {result.describe()}")
         logger.info("ran reload command %r", self._argv[0])
+
+    async def aclose(self) -> None:
+        """Nothing to release."""

@@ -180,6 +180,9 @@ http {{
             auth_basic "infantry tests";
             auth_basic_user_file {w}/htpasswd;
         }}
+        location /noetag/ {{
+            etag off;
+        }}
         location = /busy.yaml {{
             add_header Retry-After 1 always;
             return 503;

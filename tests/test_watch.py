@@ -219,6 +219,41 @@ def test_http_polling_uses_etags_and_a_304_changes_nothing(
     wait_until("one signal", lambda: app.count() == 1, timeout=5)
 
 
+def test_last_modified_polling_and_a_rotated_token(nginx: Nginx, tmp_path: Path, watches: list[Watch]) -> None:
+    (nginx.root / "noetag").mkdir()
+    doc = nginx.root / "noetag" / "app.yaml"
+    doc.write_text("v: 1\n")
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    dest = tmp_path / "D"
+    watch = Watch(
+        tmp_path,
+        [
+            "--source",
+            nginx.url("noetag/app.yaml"),
+            "--dest",
+            str(dest),
+            "--interval",
+            "0.2",
+            "--bearer-token-file",
+            str(token),
+        ],
+    )
+    watches.append(watch)
+    watch.wait_ready()
+    wait_until("conditional polls", lambda: len(nginx.requests("noetag/app.yaml")) >= 3, timeout=10)
+    rows = nginx.requests("noetag/app.yaml")
+    assert [row[1] for row in rows[:3]] == ["200", "304", "304"]
+    assert rows[1][5] == "" and rows[1][6] != ""  # no ETag, so If-Modified-Since carried it
+    token.write_text("rotated-token\n")
+    wait_until(
+        "the rotated token on the wire",
+        lambda: nginx.requests("noetag/app.yaml")[-1][4] == "Bearer rotated-token",
+        timeout=5,
+    )
+    assert "rotated-token" not in watch.log() and "first-token" not in watch.log()
+
+
 def test_store_outage_keeps_files_and_turns_healthz_stale_then_recovers(
     nginx: Nginx, tmp_path: Path, watches: list[Watch]
 ) -> None:
