@@ -52,6 +52,7 @@ COMMON = (
 INSTALL = (*COMMON, "timeout", "fallback")
 WATCH = (
     *COMMON,
+    "watch_timeout",
     "wait",
     "stale_after",
     "signal",

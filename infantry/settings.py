@@ -24,7 +24,7 @@ from infantry.errors import SettingsError
 from infantry.snapshot import Limits, check_path
 
 ENV_PREFIX = "INFANTRY_"
-SCHEMES = ("file", "http", "https")
+SCHEMES = ("file", "http", "https", "etcd", "etcds")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class SourceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    url: str = Field(description="The source URL: file://, http:// or https://.")
+    url: str = Field(description="The source URL: file://, http(s):// or etcd(s)://.")
     dir: str = Field("", description="Sub-directory of the destination for this source's files.")
     name: str | None = Field(None, description="File name for a single HTTP document (default: last URL segment).")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP request headers.")
@@ -119,6 +119,12 @@ class Settings(BaseSettings):
     interval: float = Field(10.0, gt=0, description="Seconds between polls (HTTP) or resyncs (file).")
     wait: Annotated[Wait, NoDecode] = Field(
         Wait(0.0, 0.0), description="Debounce `MIN[:MAX]` seconds before publishing a change."
+    )
+    watch_timeout: float = Field(
+        660.0,
+        gt=0,
+        description="etcd: a watch stream silent this long is broken and reopened "
+        "(keep it above etcd's progress-notify interval, 10 minutes by default).",
     )
     stale_after: float | None = Field(
         None,

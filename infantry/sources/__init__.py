@@ -41,7 +41,7 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
-def open_source(spec: SourceSpec, limits: Limits, interval: float) -> Source:
+def open_source(spec: SourceSpec, limits: Limits, interval: float, silence_timeout: float) -> Source:
     """The backend for the spec's URL scheme. Backends are imported only when used."""
     if spec.scheme == "file":
         from infantry.sources.file import FileSource
@@ -51,4 +51,8 @@ def open_source(spec: SourceSpec, limits: Limits, interval: float) -> Source:
         from infantry.sources.http import HttpSource
 
         return HttpSource(spec, limits, interval)
+    if spec.scheme in ("etcd", "etcds"):
+        from infantry.sources.etcd import EtcdSource
+
+        return EtcdSource(spec, limits, interval, silence_timeout)
     raise AssertionError(f"settings accepted an unknown scheme: {spec.scheme}")

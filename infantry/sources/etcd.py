@@ -1,0 +1,319 @@
+"""``etcd://`` and ``etcds://`` sources, through etcd's v3 JSON gateway (no gRPC needed).
+
+Every key under the prefix becomes a file named by the key relative to the prefix. The source reads the
+whole prefix in pages pinned to one revision, then follows a watch stream from the next revision. After a
+broken stream it resumes from the last revision seen, so nothing is missed; if that revision has been
+compacted away, it reads everything again and watches from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import httpx
+
+from infantry.errors import SettingsError, SourceError, UnsafeDataError
+from infantry.settings import SourceSpec
+from infantry.snapshot import Limits, Snapshot, SnapshotBuilder, printable
+from infantry.sources import redact_url
+from infantry.sources.http import build_client
+
+logger = logging.getLogger(__name__)
+
+PAGE_SIZE = 1000
+_UNAUTHENTICATED = 16  # the gRPC status etcd answers for a missing or expired token
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with ``prefix`` (etcd's range_end)."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return b"\0"  # the whole keyspace
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+class EtcdSource:
+    """Keys under a prefix in etcd, read in pages and followed with a resumable watch."""
+
+    def __init__(
+        self,
+        spec: SourceSpec,
+        limits: Limits,
+        interval: float,
+        silence_timeout: float,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        parts = urlsplit(spec.url)
+        if not parts.hostname or not parts.port:
+            raise SettingsError(f"source {redact_url(spec.url)}: expected etcd://HOST:PORT/prefix/")
+        self.name = redact_url(spec.url)
+        scheme = "https" if parts.scheme == "etcds" else "http"
+        self._base = f"{scheme}://{parts.netloc.rpartition('@')[2]}"
+        path = unquote(parts.path) or "/"
+        self._prefix = (path if path.endswith("/") else path + "/").encode("utf-8")
+        self._spec = spec
+        self._limits = limits
+        self._interval = interval
+        self._silence_timeout = silence_timeout
+        self._client = client if client is not None else build_client(spec)
+        self._token: str | None = None
+        self._kv: dict[bytes, bytes] | None = None
+        self._revision = 0
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def _error(self, message: str, *, temporary: bool = True) -> SourceError:
+        return SourceError(self.name, message, temporary=temporary)
+
+    def _malformed(self, message: str) -> UnsafeDataError:
+        return UnsafeDataError(self.name, f"malformed etcd response: {message}")
+
+    async def _authenticate(self) -> None:
+        if self._spec.username is None:
+            return
+        password = ""
+        if self._spec.password_file is not None:
+            try:
+                password = self._spec.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(f"password-file: cannot read {self._spec.password_file}: {exc.strerror}") from exc
+        body = {"name": self._spec.username, "password": password}
+        answer = await self._post("/v3/auth/authenticate", body, authenticate=False)
+        token = answer.get("token")
+        if not isinstance(token, str) or not token:
+            raise self._error(f"etcd refused the credentials of user {self._spec.username!r}", temporary=False)
+        self._token = token
+
+    def _headers(self) -> dict[str, str]:
+        headers = dict(self._spec.headers)
+        if self._token is not None:
+            headers["Authorization"] = self._token  # etcd wants the bare token, no "Bearer"
+        return headers
+
+    async def _post(self, path: str, body: dict[str, Any], *, authenticate: bool = True) -> dict[str, Any]:
+        """POST to the gateway; re-authenticate once if the token was rejected."""
+        if authenticate and self._token is None:
+            await self._authenticate()
+        for attempt in (1, 2):
+            try:
+                resp = await self._client.post(self._base + path, json=body, headers=self._headers())
+            except httpx.HTTPError as exc:
+                raise self._error(f"request failed: {type(exc).__name__}: {exc}") from exc
+            answer = self._decode(resp.content)
+            if authenticate and attempt == 1 and self._rejected_token(resp.status_code, answer):
+                await self._authenticate()
+                continue
+            if resp.status_code != 200:
+                message = answer.get("message") or answer.get("error") or resp.reason_phrase
+                raise self._error(f"HTTP {resp.status_code}: {message}", temporary=resp.status_code >= 500)
+            return answer
+        raise self._error("etcd keeps rejecting the authentication token", temporary=False)
+
+    def _rejected_token(self, status: int, answer: dict[str, Any]) -> bool:
+        return self._spec.username is not None and (status == 401 or answer.get("code") == _UNAUTHENTICATED)
+
+    def _decode(self, raw: bytes) -> dict[str, Any]:
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            raise self._malformed(f"not JSON: {raw[:60]!r}") from None
+        if not isinstance(answer, dict):
+            raise self._malformed(f"expected an object, got {type(answer).__name__}")
+        return answer
+
+    def _bytes(self, item: dict[str, Any], field: str) -> bytes:
+        value = item.get(field, "")
+        if not isinstance(value, str):
+            raise self._malformed(f"{field} is not a base64 string")
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise self._malformed(f"{field} is not valid base64") from None
+
+    def _int(self, item: dict[str, Any], field: str) -> int:
+        value = item.get(field, "0")  # int64 fields arrive as JSON strings, and are left out when 0
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise self._malformed(f"{field} is not an integer: {value!r}") from None
+
+    def _header_revision(self, answer: dict[str, Any]) -> int:
+        header = answer.get("header")
+        if not isinstance(header, dict):
+            raise self._malformed("no header")
+        return self._int(header, "revision")
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def _read_all(self) -> None:
+        """Read every key under the prefix, in pages pinned to the first page's revision."""
+        kv: dict[bytes, bytes] = {}
+        key, end, revision = self._prefix, prefix_end(self._prefix), 0
+        while True:
+            body: dict[str, Any] = {"key": _b64(key), "range_end": _b64(end), "limit": PAGE_SIZE}
+            if revision:
+                body["revision"] = revision
+            answer = await self._post("/v3/kv/range", body)
+            revision = revision or self._header_revision(answer)
+            items = answer.get("kvs", [])
+            if not isinstance(items, list):
+                raise self._malformed("kvs is not a list")
+            for item in items:
+                if not isinstance(item, dict):
+                    raise self._malformed("a kvs entry is not an object")
+                kv[self._bytes(item, "key")] = self._bytes(item, "value")
+            if len(kv) > self._limits.max_files:
+                raise UnsafeDataError(self.name, f"more than {self._limits.max_files} keys under the prefix")
+            if not answer.get("more") or not items:
+                break
+            key = self._bytes(items[-1], "key") + b"\0"
+        self._kv, self._revision = kv, revision
+
+    def _snapshot(self) -> Snapshot:
+        assert self._kv is not None
+        builder = SnapshotBuilder(self.name, self._limits)
+        for key in sorted(self._kv):
+            if not key.startswith(self._prefix):
+                raise self._malformed(f"key {key[:80]!r} is outside the prefix")
+            try:
+                name = key[len(self._prefix) :].decode("utf-8")
+            except UnicodeDecodeError:
+                raise builder.reject(
+                    f"key {printable(key.decode('utf-8', 'backslashreplace'))} is not valid UTF-8"
+                ) from None
+            builder.add(name, self._kv[key])
+        return builder.build()
+
+    async def fetch(self) -> Snapshot:
+        """Read the whole prefix once."""
+        await self._read_all()
+        return self._snapshot()
+
+    async def watch(self) -> AsyncIterator[Snapshot | None]:
+        """The prefix now, then one Snapshot per watch response that carries events."""
+        while True:
+            if self._kv is None:
+                await self._read_all()
+                yield self._snapshot()
+            compacted = False
+            async for changed in self._stream():
+                if changed is _COMPACTED:
+                    compacted = True
+                    break
+                yield self._snapshot() if changed else None
+            if not compacted:
+                raise self._error("the watch stream ended")
+            logger.warning("%s: revision %d was compacted; reading everything again", self.name, self._revision + 1)
+            self._kv = None
+
+    async def _stream(self) -> AsyncIterator[bool | object]:
+        """Follow the watch stream: True after events were applied, False after a progress note."""
+        if self._token is None:
+            await self._authenticate()
+        request = {
+            "create_request": {
+                "key": _b64(self._prefix),
+                "range_end": _b64(prefix_end(self._prefix)),
+                "start_revision": str(self._revision + 1),
+                "progress_notify": True,
+            }
+        }
+        timeout = httpx.Timeout(10.0, read=self._silence_timeout)
+        pending = False
+        read: asyncio.Future[str | None] | None = None
+        try:
+            async with self._client.stream(
+                "POST", self._base + "/v3/watch", json=request, headers=self._headers(), timeout=timeout
+            ) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    answer = self._decode(resp.content)
+                    if self._rejected_token(resp.status_code, answer):
+                        self._token = None  # authenticate again on the next try
+                    raise self._error(f"watch refused: HTTP {resp.status_code}: {answer.get('message', '')}")
+                lines = resp.aiter_lines()
+                while True:
+                    if read is None:
+                        read = asyncio.ensure_future(anext(lines, None))
+                    done, _ = await asyncio.wait({read}, timeout=self._interval)
+                    if not done:
+                        # A quiet stream: ask the store directly, so a dead one is noticed and health is honest.
+                        await self._probe()
+                        yield False
+                        continue
+                    line, read = read.result(), None
+                    if line is None:
+                        return
+                    if not line.strip():
+                        continue
+                    answer = self._decode(line.encode())
+                    if "error" in answer:
+                        error = answer["error"]
+                        message = error.get("message", error) if isinstance(error, dict) else error
+                        if isinstance(error, dict) and error.get("code") == _UNAUTHENTICATED:
+                            self._token = None
+                        raise self._error(f"watch failed: {message}")
+                    result = answer.get("result")
+                    if not isinstance(result, dict):
+                        raise self._malformed("watch response without a result")
+                    if result.get("canceled"):
+                        if self._int(result, "compact_revision"):
+                            yield _COMPACTED
+                            return
+                        raise self._error(f"watch canceled: {result.get('cancel_reason', 'no reason given')}")
+                    events = result.get("events", [])
+                    if not isinstance(events, list):
+                        raise self._malformed("events is not a list")
+                    self._apply(events)
+                    pending = pending or bool(events)
+                    if result.get("fragment"):
+                        continue  # the rest of this response follows
+                    revision = self._header_revision(result)
+                    self._revision = max(self._revision, revision)
+                    yield pending
+                    pending = False
+        except httpx.ReadTimeout as exc:
+            raise self._error(f"the watch stream was silent for {self._silence_timeout:g}s") from exc
+        except httpx.HTTPError as exc:
+            raise self._error(f"watch failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if read is not None and not read.done():
+                read.cancel()
+
+    async def _probe(self) -> None:
+        """A cheap round trip: count the keys under the prefix."""
+        body = {"key": _b64(self._prefix), "range_end": _b64(prefix_end(self._prefix)), "count_only": True}
+        await self._post("/v3/kv/range", body)
+
+    def _apply(self, events: list[Any]) -> None:
+        assert self._kv is not None
+        for event in events:
+            if not isinstance(event, dict) or not isinstance(event.get("kv"), dict):
+                raise self._malformed("a watch event has no kv")
+            kv = event["kv"]
+            key = self._bytes(kv, "key")
+            if event.get("type", "PUT") == "DELETE":
+                self._kv.pop(key, None)
+            else:
+                self._kv[key] = self._bytes(kv, "value")
+            self._revision = max(self._revision, self._int(kv, "mod_revision"))
+        if len(self._kv) > self._limits.max_files:
+            raise UnsafeDataError(self.name, f"more than {self._limits.max_files} keys under the prefix")
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self._client.aclose()
+
+
+_COMPACTED = object()
