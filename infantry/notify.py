@@ -7,6 +7,7 @@ import logging
 import os
 import shlex
 import signal
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -122,7 +123,7 @@ class HttpNotifier:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(5) | stop_after_delay(self._timeout),
             wait=wait_random_exponential(multiplier=0.1, max=2),
-            retry=retry_if_exception_type((httpx.TransportError, _BadStatus)),
+            retry=retry_if_exception_type((httpx.TransportError, ssl.SSLError, _BadStatus)),
         )
         try:
             async for attempt in retrying:
@@ -135,7 +136,7 @@ class HttpNotifier:
         except RetryError as exc:
             cause = exc.last_attempt.exception()
             raise NotifyError(f"reload call to {shown} failed: {cause}") from cause
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, ssl.SSLError) as exc:
             raise NotifyError(f"reload call to {shown} failed: {exc}") from exc
         logger.info("called %s %s", self._http_method, shown)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Nginx, ReloadEndpoint, SignalRecorder, TlsFiles, Watch, free_port
+from tests.support import CuttableProxy, Etcd, Nginx, ReloadEndpoint, SignalRecorder, TlsFiles, Watch, free_port
 
 
 @pytest.fixture
@@ -66,3 +66,18 @@ def watches() -> Iterator[list[Watch]]:
         if watch.proc.poll() is None:
             watch.proc.kill()
             watch.proc.wait()
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[Etcd]:
+    server = Etcd(tmp_path / "etcd")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def etcd_proxy(etcd: Etcd) -> Iterator[CuttableProxy]:
+    proxy = CuttableProxy(etcd.port)
+    yield proxy
+    proxy.close()

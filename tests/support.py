@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -380,3 +383,212 @@ def kill_all(procs: Iterator[subprocess.Popen[bytes]]) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- etcd ------------------------------------------------------------------------------------------
+
+
+def b64(data: bytes | str) -> str:
+    import base64
+
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+class Etcd:
+    """A real single-member etcd on loopback ports, with a temporary data directory."""
+
+    def __init__(self, workdir: Path, tls: TlsFiles | None = None, token_ttl: int = 300) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.peer_port = free_port()
+        self.tls = tls
+        self.token_ttl = token_ttl
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.token: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def url(self, prefix: str = "/app/") -> str:
+        return f"{'etcds' if self.tls else 'etcd'}://127.0.0.1:{self.port}{prefix}"
+
+    def start(self) -> None:
+        binary = require_binary("etcd", "etcd-server")
+        args = [
+            binary,
+            "--name", "infantry-test",
+            "--data-dir", str(self.workdir / "data"),
+            "--listen-client-urls", self.endpoint,
+            "--advertise-client-urls", self.endpoint,
+            "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
+            "--initial-cluster", f"infantry-test=http://127.0.0.1:{self.peer_port}",
+            "--experimental-watch-progress-notify-interval", "1s",
+            "--max-txn-ops", "10000",
+            "--auth-token", "simple",
+            "--auth-token-ttl", str(self.token_ttl),
+            "--log-level", "error",
+        ]  # fmt: skip
+        if self.tls is not None:
+            args += [
+                "--cert-file", str(self.tls.server_cert),
+                "--key-file", str(self.tls.server_key),
+                "--trusted-ca-file", str(self.tls.ca),
+                "--client-cert-auth",
+            ]  # fmt: skip
+        self.log = (self.workdir / "etcd.log").open("ab")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until("etcd to answer", self._healthy, timeout=20)
+
+    def _client(self) -> Any:
+        import httpx
+
+        if self.tls is None:
+            return httpx.Client(timeout=10)
+        context = ssl.create_default_context(cafile=str(self.tls.ca))
+        context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
+        return httpx.Client(timeout=10, verify=context)
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"etcd exited {self.proc.returncode}: {(self.workdir / 'etcd.log').read_text()[-2000:]}")
+        import httpx
+
+        try:
+            self.call("/v3/kv/range", {"key": b64("\0")})
+        except (OSError, httpx.TransportError):
+            return False
+        return True
+
+    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Authorization": self.token} if self.token else {}
+        with self._client() as client:
+            resp = client.post(self.endpoint + path, json=body, headers=headers)
+            resp.raise_for_status()
+            result: dict[str, Any] = resp.json()
+            return result
+
+    def put(self, key: str, value: bytes | str) -> int:
+        return int(self.call("/v3/kv/put", {"key": b64(key), "value": b64(value)})["header"]["revision"])
+
+    def delete(self, key: str) -> int:
+        return int(self.call("/v3/kv/deleterange", {"key": b64(key)})["header"]["revision"])
+
+    def txn(self, puts: dict[str, bytes | str], deletes: Sequence[str] = ()) -> int:
+        ops: list[dict[str, Any]] = [{"request_put": {"key": b64(k), "value": b64(v)}} for k, v in puts.items()]
+        ops += [{"request_delete_range": {"key": b64(k)}} for k in deletes]
+        return int(self.call("/v3/kv/txn", {"success": ops})["header"]["revision"])
+
+    def compact(self, revision: int) -> None:
+        self.call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+
+    def revision(self) -> int:
+        return int(self.call("/v3/kv/range", {"key": b64("\0")})["header"]["revision"])
+
+    def keys(self, prefix: str = "/app/") -> dict[str, bytes]:
+        import base64
+
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        answer = self.call("/v3/kv/range", {"key": b64(prefix), "range_end": b64(end)})
+        return {
+            base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")) for kv in answer.get("kvs", [])
+        }
+
+    def enable_auth(self, user: str, password: str) -> None:
+        self.call("/v3/auth/user/add", {"name": "root", "password": "root-password"})
+        self.call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        self.call("/v3/auth/role/add", {"name": "reader"})
+        self.call(
+            "/v3/auth/role/grant",
+            {"name": "reader", "perm": {"permType": "READ", "key": b64("/app/"), "range_end": b64("/app0")}},
+        )
+        self.call("/v3/auth/user/add", {"name": user, "password": password})
+        self.call("/v3/auth/user/grant", {"user": user, "role": "reader"})
+        self.call("/v3/auth/enable", {})
+        self.token = self.call("/v3/auth/authenticate", {"name": "root", "password": "root-password"})["token"]
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        wait_until("etcd's port to close", lambda: not port_open(self.port), timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class CuttableProxy:
+    """A real TCP forwarder on loopback whose connections can be cut, while the server behind stays up."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port = int(self._listener.getsockname()[1])
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._cut = False
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._cut:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Refuse new connections and reset every open one."""
+        self._cut = True
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self._open.clear()
+
+    def restore(self) -> None:
+        self._cut = False
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self._listener.close()

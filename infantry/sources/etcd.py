@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -80,6 +81,7 @@ class EtcdSource:
         return UnsafeDataError(self.name, f"malformed etcd response: {message}")
 
     async def _authenticate(self) -> None:
+        self._token = None  # an expired token sent along would get the login itself refused
         if self._spec.username is None:
             return
         password = ""
@@ -108,7 +110,7 @@ class EtcdSource:
         for attempt in (1, 2):
             try:
                 resp = await self._client.post(self._base + path, json=body, headers=self._headers())
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, ssl.SSLError) as exc:
                 raise self._error(f"request failed: {type(exc).__name__}: {exc}") from exc
             answer = self._decode(resp.content)
             if authenticate and attempt == 1 and self._rejected_token(resp.status_code, answer):
@@ -206,19 +208,24 @@ class EtcdSource:
             if self._kv is None:
                 await self._read_all()
                 yield self._snapshot()
-            compacted = False
+            ended_by: object = None
             async for changed in self._stream():
-                if changed is _COMPACTED:
-                    compacted = True
+                if changed is _COMPACTED or changed is _TOKEN_EXPIRED:
+                    ended_by = changed
                     break
                 yield self._snapshot() if changed else None
-            if not compacted:
+            if ended_by is _TOKEN_EXPIRED:
+                logger.info("%s: the auth token expired; logging in again", self.name)
+                await self._authenticate()
+                continue
+            if ended_by is not _COMPACTED:
                 raise self._error("the watch stream ended")
             logger.warning("%s: revision %d was compacted; reading everything again", self.name, self._revision + 1)
             self._kv = None
 
     async def _stream(self) -> AsyncIterator[bool | object]:
         """Follow the watch stream: True after events were applied, False after a progress note."""
+        reauthenticated = self._token is None
         if self._token is None:
             await self._authenticate()
         request = {
@@ -268,10 +275,14 @@ class EtcdSource:
                     if not isinstance(result, dict):
                         raise self._malformed("watch response without a result")
                     if result.get("canceled"):
+                        reason = str(result.get("cancel_reason", "no reason given"))
                         if self._int(result, "compact_revision"):
                             yield _COMPACTED
                             return
-                        raise self._error(f"watch canceled: {result.get('cancel_reason', 'no reason given')}")
+                        if "Unauthenticated" in reason and self._spec.username is not None and not reauthenticated:
+                            yield _TOKEN_EXPIRED
+                            return
+                        raise self._error(f"watch canceled: {reason}")
                     events = result.get("events", [])
                     if not isinstance(events, list):
                         raise self._malformed("events is not a list")
@@ -285,7 +296,7 @@ class EtcdSource:
                     pending = False
         except httpx.ReadTimeout as exc:
             raise self._error(f"the watch stream was silent for {self._silence_timeout:g}s") from exc
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, ssl.SSLError) as exc:
             raise self._error(f"watch failed: {type(exc).__name__}: {exc}") from exc
         finally:
             if read is not None and not read.done():
@@ -317,3 +328,4 @@ class EtcdSource:
 
 
 _COMPACTED = object()
+_TOKEN_EXPIRED = object()

@@ -111,7 +111,7 @@ class HttpSource:
                     raise self._status_error(resp)
                 body = await self._read_capped(resp, body_cap)
                 etag, last_modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, ssl.SSLError) as exc:
             raise SourceError(self.name, f"request failed: {type(exc).__name__}: {exc}") from exc
         snapshot = self._parse(body)
         # Remember validators only for content that parsed, so bad content is fetched again, not skipped.

@@ -1,0 +1,229 @@
+"""The etcd source against a real etcd: install, watch, transactions, restarts, compaction, auth, TLS, scale."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from tests.support import (
+    CuttableProxy,
+    Etcd,
+    SignalRecorder,
+    TlsFiles,
+    Watch,
+    holds_for,
+    infantry,
+    read_as_app,
+    tree,
+    wait_until,
+)
+
+
+def as_files(keys: dict[str, bytes], prefix: str = "/app/") -> dict[str, str]:
+    return {k.removeprefix(prefix): v.decode() for k, v in keys.items()}
+
+
+def test_install_writes_every_key_and_binary_values_round_trip(etcd: Etcd, tmp_path: Path) -> None:
+    binary = bytes(range(256)) * 4
+    etcd.put("/app/app.yaml", "color: blue\n")
+    etcd.put("/app/conf.d/extra.conf", "x=1\n")
+    etcd.put("/app/blob.bin", binary)
+    etcd.put("/other/ignored", "not under the prefix")
+    dest = tmp_path / "D"
+    result = infantry("install", "--source", etcd.url("/app/"), "--dest", str(dest))
+    assert result.returncode == 0, result.stderr
+    assert (dest / "blob.bin").read_bytes() == binary
+    assert (dest / "app.yaml").read_text() == "color: blue\n"
+    assert (dest / "conf.d" / "extra.conf").read_text() == "x=1\n"
+    assert sorted(os.listdir(dest / "..data")) == ["app.yaml", "blob.bin", "conf.d"]
+
+
+def test_watch_puts_deletes_and_one_signal_per_transaction(etcd: Etcd, tmp_path: Path, watches: list[Watch]) -> None:
+    etcd.put("/app/a.yaml", "v: 1\n")
+    dest = tmp_path / "D"
+    assert infantry("install", "--source", etcd.url(), "--dest", str(dest)).returncode == 0
+    app = SignalRecorder(tmp_path, config=dest / "a.yaml")
+    try:
+        watch = Watch(tmp_path, ["--source", etcd.url(), "--dest", str(dest), "--pid-file", str(app.pid_file)])
+        watches.append(watch)
+        watch.wait_ready()
+
+        etcd.put("/app/a.yaml", "v: 2\n")
+        wait_until("one signal for the put", lambda: app.count() == 1, timeout=5)
+        assert app.signals()[0].split(" ", 1)[1] == "v: 2"
+
+        etcd.put("/app/b.yaml", "b\n")
+        wait_until("the new key", lambda: (dest / "b.yaml").exists(), timeout=5)
+        etcd.delete("/app/b.yaml")
+        wait_until("the deleted key's file to go", lambda: not os.path.lexists(dest / "b.yaml"), timeout=5)
+        wait_until("signals for both", lambda: app.count() == 3, timeout=5)
+
+        published = watch.metric("infantry_publishes_total", result="published")
+        etcd.txn({"/app/t1": "1", "/app/t2": "2", "/app/a.yaml": "v: 3\n"})
+        wait_until("the transaction", lambda: read_as_app(dest) == {"a.yaml": "v: 3\n", "t1": "1", "t2": "2"})
+        wait_until("its signal", lambda: app.count() == 4, timeout=5)
+        assert holds_for(lambda: app.count() == 4, 1.0)
+        assert watch.metric("infantry_publishes_total", result="published") == published + 1
+        code, _ = watch.stop()
+        assert code == 0
+    finally:
+        app.stop()
+
+
+def test_cut_connection_resumes_from_the_last_revision(
+    etcd: Etcd, etcd_proxy: CuttableProxy, tmp_path: Path, watches: list[Watch]
+) -> None:
+    etcd.put("/app/a", "1")
+    dest = tmp_path / "D"
+    url = f"etcd://127.0.0.1:{etcd_proxy.port}/app/"
+    watch = Watch(tmp_path, ["--source", url, "--dest", str(dest), "--interval", "0.5"])
+    watches.append(watch)
+    watch.wait_ready()
+    etcd_proxy.cut()
+    wait_until("the watcher to notice", lambda: watch.metric("infantry_syncs_total", result="error") >= 1, timeout=10)
+    for i in range(5):
+        etcd.put(f"/app/k{i}", f"v{i}")
+    etcd.delete("/app/a")
+    etcd_proxy.restore()
+    wait_until("every update made while cut off", lambda: read_as_app(dest) == as_files(etcd.keys()), timeout=15)
+    assert "compacted" not in watch.log()
+
+
+def test_compaction_while_disconnected_reads_everything_again(
+    etcd: Etcd, etcd_proxy: CuttableProxy, tmp_path: Path, watches: list[Watch]
+) -> None:
+    etcd.put("/app/a", "1")
+    dest = tmp_path / "D"
+    url = f"etcd://127.0.0.1:{etcd_proxy.port}/app/"
+    watch = Watch(tmp_path, ["--source", url, "--dest", str(dest), "--interval", "0.5"])
+    watches.append(watch)
+    watch.wait_ready()
+    etcd_proxy.cut()
+    wait_until("the watcher to notice", lambda: watch.metric("infantry_syncs_total", result="error") >= 1, timeout=10)
+    etcd.put("/app/a", "2")
+    etcd.put("/app/b", "3")
+    etcd.delete("/app/a")
+    etcd.compact(etcd.revision())
+    etcd_proxy.restore()
+    wait_until("the store's content after compaction", lambda: read_as_app(dest) == {"b": "3"}, timeout=15)
+    assert "was compacted; reading everything again" in watch.log()
+
+
+def test_killing_etcd_mid_watch_loses_no_update(etcd: Etcd, tmp_path: Path, watches: list[Watch]) -> None:
+    etcd.put("/app/a", "1")
+    dest = tmp_path / "D"
+    watch = Watch(tmp_path, ["--source", etcd.url(), "--dest", str(dest), "--interval", "0.5"])
+    watches.append(watch)
+    watch.wait_ready()
+    etcd.kill()
+    wait_until("/healthz to stay up while the store is down", lambda: watch.get("/healthz")[0] in (200, 503))
+    assert read_as_app(dest) == {"a": "1"}
+    etcd.start()
+    for i in range(20):
+        etcd.put(f"/app/n{i}", str(i))
+    etcd.delete("/app/a")
+    wait_until("every update after the restart", lambda: read_as_app(dest) == as_files(etcd.keys()), timeout=20)
+    assert len(read_as_app(dest)) == 20
+
+
+def test_auth_with_token_and_reauthentication(tmp_path: Path, watches: list[Watch]) -> None:
+    etcd = Etcd(tmp_path / "etcd", token_ttl=1)
+    etcd.start()
+    proxy = CuttableProxy(etcd.port)
+    try:
+        etcd.put("/app/a", "1")
+        etcd.enable_auth("reader", "s3cret-pass")
+        password = tmp_path / "password"
+        password.write_text("s3cret-pass\n")
+        dest = tmp_path / "D"
+        url = f"etcd://127.0.0.1:{proxy.port}/app/"
+        auth = ["--username", "reader", "--password-file", str(password)]
+        result = infantry("install", "--source", url, "--dest", str(dest), *auth)
+        assert result.returncode == 0, result.stderr
+        assert read_as_app(dest) == {"a": "1"}
+
+        password.write_text("wrong\n")
+        denied = infantry("install", "--source", url, "--dest", str(tmp_path / "E"), *auth, "--timeout", "3")
+        assert denied.returncode == 3
+        assert "wrong" not in denied.stderr and "s3cret" not in denied.stderr
+        password.write_text("s3cret-pass\n")
+
+        watch = Watch(tmp_path, ["--source", url, "--dest", str(dest), "--interval", "0.5", *auth])
+        watches.append(watch)
+        watch.wait_ready()
+        proxy.cut()
+        wait_until("the cut to be noticed", lambda: watch.metric("infantry_syncs_total", result="error") >= 1)
+        etcd.put("/app/a", "2")
+        # The token lives 1 s without use; once the cut outlasts that, resuming needs a new login.
+        cut_at = time.monotonic()
+        wait_until("the token to expire", lambda: time.monotonic() - cut_at > 2.5, timeout=5)
+        proxy.restore()
+        wait_until("the update after logging in again", lambda: read_as_app(dest) == {"a": "2"}, timeout=15)
+        assert "the auth token expired; logging in again" in watch.log()
+        assert "s3cret" not in watch.log()
+    finally:
+        proxy.close()
+        etcd.stop()
+
+
+def test_etcds_with_client_certificates(tmp_path: Path, tls_files: TlsFiles) -> None:
+    etcd = Etcd(tmp_path / "etcd", tls=tls_files)
+    etcd.start()
+    try:
+        etcd.put("/app/tls.yaml", "secure: true\n")
+        dest = tmp_path / "D"
+        certs = ["--client-cert", str(tls_files.client_cert), "--client-key", str(tls_files.client_key)]
+        result = infantry(
+            "install", "--source", etcd.url(), "--dest", str(dest), "--ca-file", str(tls_files.ca), *certs
+        )
+        assert result.returncode == 0, result.stderr
+        assert read_as_app(dest) == {"tls.yaml": "secure: true\n"}
+        no_cert = infantry(
+            "install",
+            "--source",
+            etcd.url(),
+            "--dest",
+            str(tmp_path / "E"),
+            "--ca-file",
+            str(tls_files.ca),
+            "--timeout",
+            "2",
+        )
+        assert no_cert.returncode == 3
+        assert tree(tmp_path / "E") == {}
+    finally:
+        etcd.stop()
+
+
+def test_ten_thousand_keys_are_read_in_pages(etcd: Etcd, tmp_path: Path) -> None:
+    for start in range(0, 10_000, 2_000):
+        etcd.txn({f"/app/d{i % 50:02d}/k{i:05d}": f"value {i}" for i in range(start, start + 2_000)})
+    dest = tmp_path / "D"
+    result = infantry("install", "--source", etcd.url(), "--dest", str(dest))
+    assert result.returncode == 0, result.stderr
+    files = [p for p in (dest / "..data").rglob("*") if p.is_file()]
+    assert len(files) == 10_000
+    assert (dest / "d07" / "k01207").read_text() == "value 1207"
+    assert "published" in result.stderr and "(10000 files)" in result.stderr
+
+
+def test_unsafe_keys_exit_5_on_install_and_are_survived_by_watch(
+    etcd: Etcd, tmp_path: Path, watches: list[Watch]
+) -> None:
+    etcd.put("/app/good", "1")
+    dest = tmp_path / "D"
+    watch = Watch(tmp_path, ["--source", etcd.url(), "--dest", str(dest), "--interval", "0.5"])
+    watches.append(watch)
+    watch.wait_ready()
+    etcd.put("/app/../escape", "owned")
+    bad = infantry("install", "--source", etcd.url(), "--dest", str(tmp_path / "E"))
+    assert bad.returncode == 5
+    assert "'../escape'" in bad.stderr
+    assert tree(tmp_path / "E") == {} and not (tmp_path / "escape").exists()
+    wait_until("watch to report the unsafe key", lambda: "'../escape'" in watch.log(), timeout=10)
+    assert read_as_app(dest) == {"good": "1"}
+    assert watch.proc.poll() is None
+    etcd.delete("/app/../escape")
+    etcd.put("/app/good", "2")
+    wait_until("watch to carry on", lambda: read_as_app(dest) == {"good": "2"}, timeout=15)
