@@ -142,6 +142,7 @@ class Agent:
             Part(spec.url, spec.dir, task.result()) for (spec, _), task in zip(self._sources, tasks, strict=True)
         )
         published = await asyncio.to_thread(self._publisher.publish, snapshot, self._gate)
+        await asyncio.to_thread(self._publisher.tidy)
         if published:
             logger.info(
                 "published %s (%d files) into %s", snapshot.short_version, len(snapshot.files), self._publisher.dest
@@ -187,6 +188,7 @@ class Agent:
 
         snapshot = await asyncio.to_thread(read_tree, fallback, f"fallback {fallback}", self._settings.limits)
         await asyncio.to_thread(self._publisher.publish, snapshot, self._gate)
+        await asyncio.to_thread(self._publisher.tidy)
         self.metrics.publishes.labels("fallback").inc()
         logger.warning(
             "FALLBACK: %s; published the fallback set from %s (%s, %d files) instead of the store's",
@@ -317,10 +319,12 @@ class Agent:
         logger.info("published %s (%d files)", snapshot.short_version, len(snapshot.files))
         if previous is None:
             logger.info("first set in an empty destination; nobody to notify")
-            return
-        await self._notify(snapshot)
-        if changed_at is not None:
-            self.metrics.propagation.observe(self._clock() - changed_at)
+        else:
+            await self._notify(snapshot)
+            if changed_at is not None:
+                self.metrics.propagation.observe(self._clock() - changed_at)
+        # Old snapshot directories go only now, so removing a large one never delays the reload.
+        await asyncio.to_thread(self._publisher.tidy)
 
     def _remember_rejected(self, version: str) -> None:
         self._rejected[version] = None

@@ -57,6 +57,9 @@ class Publisher(Protocol):
     def publish(self, snapshot: Snapshot, gate: Gate | None = None) -> bool:
         """Make ``snapshot`` live. Returns False, writing nothing, when it is already live."""
 
+    def tidy(self) -> None:
+        """Remove what the last publish left behind (old snapshots); it is off the hot path."""
+
 
 def make_publisher(dest: Path, layout: Literal["kubelet", "direct"], file_mode: int) -> Publisher:
     """The publisher for ``layout``."""
@@ -205,11 +208,17 @@ class KubeletPublisher:
             if previous is not None:
                 _replace_with_link(self.dest, PREVIOUS, previous)
             self._remove_stale_links(snapshot)
-            self.clean()
         except OSError as exc:
             # The new set is live; leftovers are removed by the next publish or start.
             logger.warning("published, but could not tidy %s: %s", self.dest, exc)
         return True
+
+    def tidy(self) -> None:
+        """Remove snapshot directories that are neither live nor kept; done after the app was told."""
+        try:
+            self.clean()
+        except OSError as exc:
+            logger.warning("could not tidy %s: %s", self.dest, exc)
 
     def _new_dir(self) -> tuple[str, Path]:
         while True:
@@ -223,24 +232,45 @@ class KubeletPublisher:
             return name, self.dest / name
 
     def _fill(self, staged: Path, snapshot: Snapshot) -> None:
+        """Write the snapshot into ``staged``, hard-linking files that did not change.
+
+        This is the hot path for large sets, so it works on strings relative to directory
+        descriptors rather than on Path objects.
+        """
         old = self._current
-        old_dir = self.dest / self._current_dir if old is not None and self._current_dir else None
-        made: set[Path] = {staged}
-        for path, entry in snapshot.files.items():
-            target = staged / path
-            parent = target.parent
-            if parent not in made:
-                parent.mkdir(DIR_MODE, parents=True, exist_ok=True)
-                made.add(parent)
-            if old_dir is not None and old is not None and old.files.get(path) == entry:
-                try:
-                    os.link(old_dir / path, target, follow_symlinks=False)
-                    continue
-                except OSError:
-                    pass  # a hard link is only a saving; write a copy instead
-            _write_new(target, entry, self._file_mode)
-        for directory in made:
-            os.chmod(directory, DIR_MODE)
+        old_fd = None
+        if old is not None and self._current_dir is not None:
+            with contextlib.suppress(OSError):
+                old_fd = os.open(self.dest / self._current_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        new_fd = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        made: set[str] = {""}
+        try:
+            for path, entry in snapshot.files.items():
+                parent = path.rpartition("/")[0]
+                if parent not in made:
+                    self._make_dirs(new_fd, parent, made)
+                if old_fd is not None and old is not None and old.files.get(path) == entry:
+                    try:
+                        os.link(path, path, src_dir_fd=old_fd, dst_dir_fd=new_fd, follow_symlinks=False)
+                        continue
+                    except OSError:
+                        pass  # a hard link is only a saving; write a copy instead
+                _write_new(staged / path, entry, self._file_mode)
+        finally:
+            os.close(new_fd)
+            if old_fd is not None:
+                os.close(old_fd)
+
+    @staticmethod
+    def _make_dirs(dir_fd: int, rel: str, made: set[str]) -> None:
+        parts = rel.split("/")
+        for depth in range(1, len(parts) + 1):
+            sub = "/".join(parts[:depth])
+            if sub not in made:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(sub, DIR_MODE, dir_fd=dir_fd)
+                os.chmod(sub, DIR_MODE, dir_fd=dir_fd)  # not narrowed by the umask
+                made.add(sub)
 
     def _remove_stale_links(self, snapshot: Snapshot) -> None:
         wanted = snapshot.top_level()
@@ -356,6 +386,9 @@ class DirectPublisher:
                 shutil.rmtree(staged)
         self._current = snapshot
         return True
+
+    def tidy(self) -> None:
+        """Nothing is left behind in this layout."""
 
     def _prune(self, rel: str) -> None:
         for directory in reversed(list(self._parents(rel))):

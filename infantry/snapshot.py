@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from infantry.errors import SettingsError, UnsafeDataError
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 
@@ -32,7 +34,7 @@ def check_path(path: str) -> str | None:
         return "name is not valid UTF-8"
     if "\x00" in path:
         return "NUL byte in name"
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path):
+    if _CONTROL.search(path):
         return "control character in name"
     if path.startswith("/"):
         return "absolute path"
@@ -196,6 +198,9 @@ class Part:
 
 def merge(parts: Iterable[Part]) -> Snapshot:
     """Merge several sources' snapshots into one. Two sources claiming a path is a SettingsError."""
+    parts = list(parts)
+    if len(parts) == 1 and not parts[0].subdir:
+        return parts[0].snapshot  # the common case: nothing to move or check
     files: dict[str, FileEntry] = {}
     owner: dict[str, str] = {}
     for part in parts:

@@ -96,7 +96,20 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def read_as_app(dest: Path) -> dict[str, str]:
-    """What an app sees: every file reached through the top-level names, not the hidden entries."""
+    """What an app sees: every file reached through the top-level names, not the hidden entries.
+
+    A name removed by a publish between listing and reading makes the pass start again, as an app
+    rescanning its directory would.
+    """
+    for _ in range(50):
+        try:
+            return _read_pass(dest)
+        except FileNotFoundError:
+            continue
+    return _read_pass(dest)
+
+
+def _read_pass(dest: Path) -> dict[str, str]:
     seen: dict[str, str] = {}
     for entry in sorted(os.listdir(dest)):
         if entry.startswith(".."):
@@ -163,7 +176,7 @@ error_log {w}/error.log warn;
 events {{ worker_connections 64; }}
 http {{
     log_format probe '$msec|$status|$request_method|$uri|$http_authorization'
-                     '|$http_if_none_match|$http_if_modified_since|$body_bytes_sent';
+                     '|$http_if_none_match|$http_if_modified_since|$body_bytes_sent|$bytes_sent';
     access_log {w}/access.log probe;
     client_body_temp_path {w}/tmp-body;
     proxy_temp_path {w}/tmp-proxy;

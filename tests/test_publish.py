@@ -54,6 +54,8 @@ def test_unchanged_files_are_hard_linked_and_stale_entries_removed(tmp_path: Pat
     assert not os.path.lexists(dest / "sub")
     assert os.readlink(dest / PREVIOUS) == first
     publisher.publish(snap(third="3"))
+    assert first in snapshot_dirs(dest)  # removal waits for tidy(), after the app has been told
+    publisher.tidy()
     # Only the live snapshot and the one kept for rollback remain.
     assert snapshot_dirs(dest) == sorted([second, os.readlink(dest / DATA)])
 
