@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit system-packages readme clean
+.PHONY: demo test bench lint typecheck unit system-packages readme clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ unit: $(STAMP) system-packages
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# Measures propagation, cold start, idle cost, scale and poll load against real etcd and nginx,
+# each beside a baseline from the same run, and writes benchmarks/RESULTS.md.
+bench: $(STAMP) system-packages
+	$(BIN)/python benchmarks/bench.py --output benchmarks/RESULTS.md
 
 # Regenerates the settings table in README.md from the settings model.
 readme: $(STAMP)
