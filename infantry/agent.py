@@ -27,7 +27,15 @@ from infantry.errors import (
     UnsafeDataError,
 )
 from infantry.health import Clock, Health, Metrics
-from infantry.notify import ExecNotifier, HttpNotifier, Notifier, SignalNotifier
+from infantry.notify import (
+    CommandVerifier,
+    ExecNotifier,
+    HttpNotifier,
+    HttpVerifier,
+    Notifier,
+    SignalNotifier,
+    Verifier,
+)
 from infantry.process import run_command
 from infantry.publish import Gate, Publisher, make_publisher
 from infantry.settings import Settings, SourceSpec
@@ -94,6 +102,7 @@ class Agent:
         publisher: Publisher,
         notifiers: Sequence[Notifier] = (),
         gate: Gate | None = None,
+        verifier: Verifier | None = None,
         metrics: Metrics | None = None,
         health: Health | None = None,
         clock: Clock = time.monotonic,
@@ -104,6 +113,7 @@ class Agent:
         self._publisher = publisher
         self._notifiers = list(notifiers)
         self._gate = gate
+        self._verifier = verifier
         self.metrics = metrics if metrics is not None else Metrics()
         self.health = health if health is not None else Health(len(sources), settings.stale_seconds, clock)
         self._clock = clock
@@ -203,6 +213,8 @@ class Agent:
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Follow every source and publish each change until ``stop`` is set."""
+        # A publish killed half-way leaves temporary entries and unused snapshots; clear them first.
+        await asyncio.to_thread(self._publisher.tidy)
         current = await asyncio.to_thread(self._publisher.current)
         if current is not None:
             self.metrics.set_version(current.version, len(current.files))
@@ -223,6 +235,8 @@ class Agent:
                 await source.aclose()
             for notifier in self._notifiers:
                 await notifier.aclose()
+            if self._verifier is not None:
+                await self._verifier.aclose()
         if publishing.done() and not publishing.cancelled() and publishing.exception() is not None:
             raise publishing.exception()  # type: ignore[misc]
 
@@ -323,8 +337,38 @@ class Agent:
             await self._notify(snapshot)
             if changed_at is not None:
                 self.metrics.propagation.observe(self._clock() - changed_at)
+            if self._verifier is not None:
+                problem = await self._verifier.verify()
+                if problem is not None:
+                    await self._roll_back(snapshot, problem)
         # Old snapshot directories go only now, so removing a large one never delays the reload.
         await asyncio.to_thread(self._publisher.tidy)
+
+    async def _roll_back(self, bad: Snapshot, problem: str) -> None:
+        """The app did not come back healthy: restore the previous set, tell the app, never retry ``bad``."""
+        self._remember_rejected(bad.version)
+        self.metrics.bad_version.clear()
+        self.metrics.bad_version.labels(bad.version).set(1)
+        try:
+            restored = await asyncio.to_thread(self._publisher.rollback)
+        except PublishError as exc:
+            logger.error(
+                "version %s failed verification (%s) and rolling back failed: %s", bad.short_version, problem, exc
+            )
+            return
+        if restored is None:
+            logger.error(
+                "version %s failed verification (%s); no previous set to roll back to", bad.short_version, problem
+            )
+            return
+        self.metrics.rollbacks.inc()
+        self.metrics.set_version(restored.version, len(restored.files))
+        logger.error(
+            "version %s failed verification (%s); rolled back to %s, and it will not be published again "
+            "until the store changes",
+            bad.short_version, problem, restored.short_version,
+        )  # fmt: skip
+        await self._notify(restored)
 
     def _remember_rejected(self, version: str) -> None:
         self._rejected[version] = None
@@ -380,4 +424,10 @@ def build_agent(settings: Settings, environ: Mapping[str, str], *, with_notifier
             notifiers.append(HttpNotifier(client, settings.reload_url, settings.reload_method, settings.reload_timeout))
         if settings.exec:
             notifiers.append(ExecNotifier(settings.exec, settings.exec_timeout, environ))
-    return Agent(settings, sources, publisher, notifiers, gate)
+    verifier: Verifier | None = None
+    if with_notifiers and settings.verify_url:
+        client = httpx.AsyncClient(trust_env=False)
+        verifier = HttpVerifier(client, settings.verify_url, settings.verify_timeout)
+    elif with_notifiers and settings.verify_cmd:
+        verifier = CommandVerifier(settings.verify_cmd, settings.verify_timeout, environ)
+    return Agent(settings, sources, publisher, notifiers, gate, verifier)

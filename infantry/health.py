@@ -36,6 +36,15 @@ class Metrics:
             "infantry_snapshot_info", "The version of the live snapshot.", ["version"], registry=self.registry
         )
         self.files = Gauge("infantry_snapshot_files", "Files in the live snapshot.", registry=self.registry)
+        self.rollbacks = Counter(
+            "infantry_rollbacks", "Snapshots swapped back after the app failed verification.", registry=self.registry
+        )
+        self.bad_version = Gauge(
+            "infantry_bad_version_info",
+            "The last version that failed verification.",
+            ["version"],
+            registry=self.registry,
+        )
         self.propagation = Histogram(
             "infantry_propagation_seconds",
             "From a change being seen at the source to the app being notified.",

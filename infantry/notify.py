@@ -165,3 +165,71 @@ class ExecNotifier:
 
     async def aclose(self) -> None:
         """Nothing to release."""
+
+
+class Verifier(Protocol):
+    """Checks, after a reload, that the app came back healthy."""
+
+    async def verify(self) -> str | None:
+        """None when the app is healthy within the time allowed; otherwise why it is not."""
+
+    async def aclose(self) -> None:
+        """Release what the verifier holds open."""
+
+
+VERIFY_PAUSE_SECONDS = 0.2
+
+
+class HttpVerifier:
+    """Healthy means a 2xx answer from a URL, tried again and again until the time runs out."""
+
+    def __init__(self, client: httpx.AsyncClient, url: str, timeout: float) -> None:
+        self._client = client
+        self._url = url
+        self._timeout = timeout
+
+    async def verify(self) -> str | None:
+        """GET the URL until it answers 2xx or the verify timeout runs out."""
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        problem = "no answer"
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return f"{redact_url(self._url)}: {problem} within {self._timeout:g}s"
+            try:
+                resp = await self._client.get(self._url, timeout=left)
+                if resp.is_success:
+                    return None
+                problem = f"HTTP {resp.status_code}"
+            except (httpx.HTTPError, ssl.SSLError) as exc:
+                problem = f"{type(exc).__name__}"
+            await asyncio.sleep(min(VERIFY_PAUSE_SECONDS, max(0.0, deadline - asyncio.get_running_loop().time())))
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self._client.aclose()
+
+
+class CommandVerifier:
+    """Healthy means the command exits 0, tried again and again until the time runs out."""
+
+    def __init__(self, command: str, timeout: float, environ: Mapping[str, str]) -> None:
+        self._argv = shlex.split(command)
+        self._timeout = timeout
+        self._environ = environ
+
+    async def verify(self) -> str | None:
+        """Run the command until it exits 0 or the verify timeout runs out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        problem = "did not run"
+        while (left := deadline - loop.time()) > 0:
+            result = await asyncio.to_thread(run_command, self._argv, left, self._environ)
+            if result.ok:
+                return None
+            problem = result.describe()
+            await asyncio.sleep(min(VERIFY_PAUSE_SECONDS, max(0.0, deadline - loop.time())))
+        return f"verify command {self._argv[0]!r} {problem}"
+
+    async def aclose(self) -> None:
+        """Nothing to release."""

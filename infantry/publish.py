@@ -60,6 +60,9 @@ class Publisher(Protocol):
     def tidy(self) -> None:
         """Remove what the last publish left behind (old snapshots); it is off the hot path."""
 
+    def rollback(self) -> Snapshot | None:
+        """Make the previous snapshot live again and return it; None when there is none to go back to."""
+
 
 def make_publisher(dest: Path, layout: Literal["kubelet", "direct"], file_mode: int) -> Publisher:
     """The publisher for ``layout``."""
@@ -147,6 +150,7 @@ class KubeletPublisher:
         self._file_mode = file_mode
         self._current: Snapshot | None = None
         self._current_dir: str | None = None
+        self._previous: Snapshot | None = None
         self._loaded = False
 
     def _live_dir(self, link: str) -> str | None:
@@ -203,6 +207,7 @@ class KubeletPublisher:
             if isinstance(exc, OSError):
                 raise PublishError(f"cannot publish into {self.dest}: {exc}") from exc
             raise
+        self._previous = self._current
         previous, self._current, self._current_dir = self._current_dir, snapshot, name
         try:
             if previous is not None:
@@ -214,11 +219,42 @@ class KubeletPublisher:
         return True
 
     def tidy(self) -> None:
-        """Remove snapshot directories that are neither live nor kept; done after the app was told."""
+        """Remove leftovers: old snapshots, temporary entries, links to names no longer published.
+
+        It runs after the app was told (so a large removal never delays a reload), and at start-up,
+        where it also clears what a killed publish left behind.
+        """
+        if not self.dest.is_dir():
+            return
         try:
+            current = self.current()
+            if current is not None:
+                self._remove_stale_links(current)
             self.clean()
         except OSError as exc:
             logger.warning("could not tidy %s: %s", self.dest, exc)
+
+    def rollback(self) -> Snapshot | None:
+        """Swap ``..data`` back to the snapshot kept in ``..previous``."""
+        self.current()
+        previous_dir = self._live_dir(PREVIOUS)
+        if previous_dir is None:
+            return None
+        previous = self._previous
+        if previous is None:
+            previous = _read_tree(self.dest / previous_dir, self._file_mode)
+            if previous is None:
+                return None
+        try:
+            for top in sorted(previous.top_level()):
+                _replace_with_link(self.dest, top, f"{DATA}/{top}")
+            _replace_with_link(self.dest, DATA, previous_dir)
+            os.unlink(self.dest / PREVIOUS)
+        except OSError as exc:
+            raise PublishError(f"cannot roll back {self.dest}: {exc}") from exc
+        self._current, self._current_dir, self._previous = previous, previous_dir, None
+        self.tidy()
+        return previous
 
     def _new_dir(self) -> tuple[str, Path]:
         while True:
@@ -389,6 +425,10 @@ class DirectPublisher:
 
     def tidy(self) -> None:
         """Nothing is left behind in this layout."""
+
+    def rollback(self) -> Snapshot | None:
+        """Not offered in this layout: there is no previous set to swap back to atomically."""
+        return None
 
     def _prune(self, rel: str) -> None:
         for directory in reversed(list(self._parents(rel))):

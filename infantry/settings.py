@@ -138,6 +138,13 @@ class Settings(BaseSettings):
     reload_url: str | None = Field(None, description="URL called on reload; a 2xx answer is expected.")
     reload_method: str = Field("POST", description="HTTP method for `reload-url`.")
     reload_timeout: float = Field(10.0, gt=0, description="Seconds allowed for the reload call, retries included.")
+    verify_url: str | None = Field(
+        None, description="After a reload, GET this URL until it answers 2xx; if it never does, roll back."
+    )
+    verify_cmd: str | None = Field(
+        None, description="After a reload, run this command until it exits 0; if it never does, roll back."
+    )
+    verify_timeout: float = Field(10.0, gt=0, description="Seconds the app has to pass verification after a reload.")
     exec: str | None = Field(None, description="Command run on reload (no shell).")
     exec_timeout: float = Field(30.0, gt=0, description="Seconds the reload command may take.")
     listen: str | None = Field(None, description="`HOST:PORT` serving `/healthz`, `/readyz` and `/metrics`.")
@@ -223,9 +230,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected HOST:PORT, got {value!r}")
         return value
 
-    @field_validator("reload_url")
+    @field_validator("reload_url", "verify_url")
     @classmethod
-    def _reload_url(cls, value: str | None) -> str | None:
+    def _http_url(cls, value: str | None) -> str | None:
         if value is not None and urlsplit(value).scheme not in ("http", "https"):
             raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
         return value
@@ -238,6 +245,10 @@ class Settings(BaseSettings):
             raise ValueError("client-cert and client-key go together")
         if self.password_file is not None and self.username is None:
             raise ValueError("password-file needs username")
+        if self.verify_url and self.verify_cmd:
+            raise ValueError("verify-url and verify-cmd are alternatives; give one")
+        if (self.verify_url or self.verify_cmd) and self.layout != "kubelet":
+            raise ValueError("verify-url and verify-cmd roll back by swapping ..data back, so they need layout kubelet")
         return self
 
     @property

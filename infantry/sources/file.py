@@ -36,9 +36,27 @@ def path_of(url: str) -> Path:
 def read_tree(root: Path, name: str, limits: Limits) -> Snapshot:
     """Read a file, or every regular file under a directory, into a Snapshot.
 
-    A directory that is itself a kubelet-style volume (it has ``..data``) is read through ``..data``.
+    A directory that is itself a kubelet-style volume (a mounted ConfigMap, or infantry's own output)
+    is read from the snapshot directory ``..data`` points at, resolved once, so a swap during the read
+    cannot mix two versions; if ``..data`` moved meanwhile, the read starts again.
     Links are followed only to regular files inside the tree.
     """
+    data = root / "..data"
+    for _ in range(5):
+        try:
+            target = os.readlink(data)
+        except OSError:
+            break  # not a kubelet-style volume
+        try:
+            snapshot = _read(root, root / target, name, limits)
+        except SourceError:
+            snapshot = None  # the directory went away under us: a swap; read the new one
+        if snapshot is not None and os.readlink(data) == target:
+            return snapshot
+    return _read(root, root, name, limits)
+
+
+def _read(root: Path, base: Path, name: str, limits: Limits) -> Snapshot:
     builder = SnapshotBuilder(name, limits)
     try:
         st = root.stat()
@@ -49,7 +67,6 @@ def read_tree(root: Path, name: str, limits: Limits) -> Snapshot:
         return builder.build()
     if not stat.S_ISDIR(st.st_mode):
         raise builder.reject(f"{root} is neither a file nor a directory")
-    base = root / "..data" if (root / "..data").is_dir() else root
     real_base = base.resolve()
     for dirpath, dirnames, filenames in os.walk(base, onerror=_raise):
         here = Path(dirpath)
