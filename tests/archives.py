@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import tarfile
 import zipfile
@@ -41,17 +40,4 @@ def make_zip(files: dict[str, bytes], symlinks: dict[str, str] | None = None) ->
             info = zipfile.ZipInfo(name)
             info.external_attr = 0o120777 << 16
             archive.writestr(info, target)
-    return buf.getvalue()
-
-
-def gzip_bomb_tar(size: int) -> bytes:
-    """A tar.gz holding one member of ``size`` zero bytes: tiny on the wire, huge inflated."""
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9) as gz:
-        header = tar_member("bomb.bin", kind=tarfile.REGTYPE)
-        header.size = size
-        gz.write(header.tobuf(format=tarfile.USTAR_FORMAT))
-        chunk = b"\0" * (1 << 20)
-        for _ in range(size // len(chunk)):
-            gz.write(chunk)
     return buf.getvalue()

@@ -186,6 +186,13 @@ http {{
     types {{ text/plain txt yaml conf; application/gzip gz tgz; application/x-tar tar; application/zip zip; }}
     default_type application/octet-stream;
     etag on;
+    map $http_x_case $etcd_body {{
+        default '{{"error": "no such case"}}';
+        not-json 'this is not json';
+        wrong-shape '{{"header": {{"revision": "5"}}, "kvs": "nope"}}';
+        bad-base64 '{{"header": {{"revision": "5"}}, "kvs": [{{"key": "!!not base64!!", "value": "eA=="}}]}}';
+        no-header '{{"kvs": []}}';
+    }}
     server {{
         listen 127.0.0.1:{self.port};
         root {self.root};
@@ -198,6 +205,10 @@ http {{
         }}
         location /noetag/ {{
             etag off;
+        }}
+        location = /v3/kv/range {{
+            default_type application/json;
+            return 200 $etcd_body;
         }}
         location = /busy.yaml {{
             add_header Retry-After 1 always;

@@ -16,7 +16,7 @@ import httpx
 from infantry.archive import archive_kind, inflate_cap, unpack
 from infantry.errors import SettingsError, SourceError
 from infantry.settings import SourceSpec
-from infantry.snapshot import Limits, Snapshot, SnapshotBuilder
+from infantry.snapshot import Limits, Snapshot, SnapshotBuilder, printable
 from infantry.sources import redact_url
 
 JITTER = 0.1
@@ -136,14 +136,15 @@ class HttpSource:
     async def _read_capped(self, resp: httpx.Response, cap: int) -> bytes:
         declared = resp.headers.get("Content-Length")
         builder = SnapshotBuilder(self.name, self._limits)
+        what = printable(self._file_name)
         if declared is not None and declared.isdigit() and int(declared) > cap:
-            raise builder.reject(f"response of {declared} bytes is over the limit of {cap}")
+            raise builder.reject(f"{what} passes the limit of {cap} bytes (it is {declared})")
         chunks: list[bytes] = []
         size = 0
         async for chunk in resp.aiter_bytes():
             size += len(chunk)
             if size > cap:
-                raise builder.reject(f"response passes the limit of {cap} bytes")
+                raise builder.reject(f"{what} passes the limit of {cap} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
