@@ -402,6 +402,10 @@ class DirectPublisher:
                 _write_new(staged / path, entry, self._file_mode)
             if gate is not None:
                 gate(staged)
+            # Stale files go first, so a name that turns from a directory into a file (or back) is free.
+            for path in sorted(set(old) - set(snapshot.files), reverse=True):
+                _remove(self.dest / path)
+                self._prune(path)
             for path, entry in snapshot.files.items():
                 if old.get(path) == entry:
                     continue
@@ -409,9 +413,6 @@ class DirectPublisher:
                 if (self.dest / path).is_dir() and not (self.dest / path).is_symlink():
                     raise PublishError(f"refusing to replace directory {self.dest / path} with a file")
                 os.rename(staged / path, self.dest / path)
-            for path in sorted(set(old) - set(snapshot.files), reverse=True):
-                _remove(self.dest / path)
-                self._prune(path)
             tmp_manifest = staged / MANIFEST
             tmp_manifest.write_text(json.dumps(sorted(snapshot.files)), encoding="utf-8")
             os.rename(tmp_manifest, self.dest / MANIFEST)
