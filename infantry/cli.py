@@ -7,10 +7,12 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import click
+import yaml
 
 from infantry import __version__, logs
 from infantry.errors import CheckFailed, InfantryError, PublishError, SettingsError, SourceError, UnsafeDataError
@@ -69,7 +71,42 @@ WATCH = (
     "listen",
 )
 
+INJECT = (
+    "file",
+    "source",
+    "image",
+    "mount_path",
+    "containers",
+    "process",
+    "signal",
+    "reload_url",
+    "install_only",
+    "cpu",
+    "memory",
+    "run_as_same_user",
+    "annotate_only",
+    "config",
+    "log_format",
+    "log_level",
+)
+WEBHOOK = (
+    "listen",
+    "tls_cert_file",
+    "tls_key_file",
+    "image",
+    "mount_path",
+    "mode",
+    "cpu",
+    "memory",
+    "config",
+    "log_format",
+    "log_level",
+)
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+SHORT = {"file": "-f"}
 
 
 def setting_options(names: tuple[str, ...]) -> Callable[[F], F]:
@@ -78,15 +115,18 @@ def setting_options(names: tuple[str, ...]) -> Callable[[F], F]:
     def decorate(func: F) -> F:
         for name in reversed(names):
             info = Settings.model_fields[name]
-            repeatable = name in ("source", "header")
-            func = click.option(
-                f"--{name.replace('_', '-')}",
-                name,
-                multiple=repeatable,
-                default=None,
-                metavar=name.upper(),
-                help=(info.description or "") + f"  [env: INFANTRY_{name.upper()}]",
-            )(func)
+            declarations = [f"--{name.replace('_', '-')}", name, *([SHORT[name]] if name in SHORT else [])]
+            help_text = (info.description or "") + f"  [env: INFANTRY_{name.upper()}]"
+            if info.annotation is bool:
+                func = click.option(*declarations, is_flag=True, default=None, help=help_text)(func)
+            else:
+                func = click.option(
+                    *declarations,
+                    multiple=name in ("source", "header"),
+                    default=None,
+                    metavar=name.upper(),
+                    help=help_text,
+                )(func)
         return func
 
     return decorate
@@ -174,6 +214,71 @@ def watch(**given: Any) -> None:
         return 0
 
     _run(given, job)
+
+
+@main.command()
+@click.option("--native/--classic", "native", default=None, help="Inject a native sidecar, or install + sidecar.")
+@setting_options(INJECT)
+def inject(native: bool | None, **given: Any) -> None:
+    """Add infantry to the workloads in Kubernetes YAML (-f FILE, or standard input); write YAML out."""
+    if native is not None:
+        given["mode"] = "native" if native else "classic"
+
+    async def job(settings: Settings) -> int:
+        from infantry.inject import inject_document
+
+        text = sys.stdin.read() if settings.file == "-" else _read_file(settings.file)
+        documents: list[Any] = []
+        try:
+            for document in yaml.safe_load_all(text):
+                documents.append(document)
+        except yaml.YAMLError as exc:
+            detail = " ".join(str(exc).split())
+            raise SettingsError(f"file: document {len(documents) + 1} is not valid YAML: {detail}") from None
+        out = [
+            inject_document(doc, settings, annotate_only=settings.annotate_only, warn=_warn, where=f"document {i + 1}")
+            for i, doc in enumerate(documents)
+            if doc is not None
+        ]
+        sys.stdout.write(yaml.safe_dump_all(out, sort_keys=False, default_flow_style=False, allow_unicode=True))
+        return 0
+
+    _run(given, job)
+
+
+def _read_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise SettingsError(f"file: cannot read {path}: {exc.strerror}") from exc
+
+
+def _warn(message: str) -> None:
+    logger.warning("%s", message)
+
+
+@main.command()
+@setting_options(WEBHOOK)
+def webhook(**given: Any) -> None:
+    """Serve the mutating admission webhook that injects infantry into opted-in pods (HTTPS only)."""
+
+    async def job(settings: Settings) -> int:
+        from infantry.webhook import serve
+
+        await asyncio.to_thread(serve, settings, _stop_event())
+        return 0
+
+    _run(given, job)
+
+
+def _stop_event() -> threading.Event:
+    """An event set by SIGTERM or SIGINT; the handlers only record."""
+    stop = threading.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ messages and exit codes::
 
     InfantryError
     ├── SettingsError        a setting is missing, malformed or contradictory   (exit 2)
+    │   └── InvalidAnnotation    ... in an infantry.dev/ annotation of a workload
     ├── SourceError          the store could not be read                        (exit 3)
     │   └── SourceTimeout    ... and ``--timeout`` ran out while retrying       (exit 3)
     ├── UnsafeDataError      the store returned unsafe or malformed data        (exit 5)
@@ -24,6 +25,15 @@ class InfantryError(Exception):
 
 class SettingsError(InfantryError):
     """A setting is missing, malformed or contradictory. The message names the setting."""
+
+
+class InvalidAnnotation(SettingsError):
+    """An ``infantry.dev/`` annotation on a workload has a value infantry cannot use."""
+
+    def __init__(self, annotation: str, detail: str) -> None:
+        super().__init__(f"{annotation}: {detail}")
+        self.annotation = annotation
+        self.detail = detail
 
 
 class SourceError(InfantryError):

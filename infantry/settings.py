@@ -20,6 +20,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, fi
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from infantry import __version__
 from infantry.errors import SettingsError
 from infantry.snapshot import Limits, check_path
 
@@ -157,6 +158,24 @@ class Settings(BaseSettings):
     ca_file: Path | None = Field(None, description="CA bundle used to verify HTTPS sources.")
     client_cert: Path | None = Field(None, description="Client certificate (PEM) for HTTPS sources.")
     client_key: Path | None = Field(None, description="Key of the client certificate (PEM).")
+    file: str = Field("-", description="`inject`: the YAML to read; `-` is standard input.")
+    image: str = Field(f"infantry:{__version__}", description="`inject`/`webhook`: the infantry image to inject.")
+    mount_path: str = Field("/configs", description="`inject`/`webhook`: where the shared volume is mounted.")
+    containers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="`inject`/`webhook`: app containers that get the mount (default: all)."
+    )
+    mode: Literal["classic", "native"] = Field(
+        "classic", description="`inject`/`webhook`: `classic` (install + sidecar) or `native` (sidecar initContainer)."
+    )
+    install_only: bool = Field(False, description="`inject`/`webhook`: inject install only (always for Jobs).")
+    cpu: str = Field("10m", description="`inject`/`webhook`: CPU request of the injected containers.")
+    memory: str = Field("128Mi", description="`inject`/`webhook`: memory request and limit of the injected containers.")
+    run_as_same_user: bool = Field(
+        False, description="`inject`/`webhook`: run infantry as the app container's UID, so signals are allowed."
+    )
+    annotate_only: bool = Field(False, description="`inject`: only add the annotations, for the webhook to act on.")
+    tls_cert_file: Path | None = Field(None, description="`webhook`: TLS certificate (PEM), reloaded when it changes.")
+    tls_key_file: Path | None = Field(None, description="`webhook`: TLS key (PEM), reloaded when it changes.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format on stderr.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
 
@@ -179,6 +198,11 @@ class Settings(BaseSettings):
         if isinstance(value, list | tuple):
             return [{"url": item} if isinstance(item, str) else item for item in value]
         return value
+
+    @field_validator("containers", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        return [n for n in value.replace(",", " ").split() if n] if isinstance(value, str) else value
 
     @field_validator("header", mode="before")
     @classmethod
