@@ -128,7 +128,7 @@ def test_run_as_same_user_copies_the_app_uid() -> None:
     new_spec, _ = inject_pod(spec, {}, options)
     watch = new_spec["containers"][-1]
     assert watch["securityContext"]["runAsUser"] == 1001 and watch["securityContext"]["runAsGroup"] == 2002
-    with pytest.raises(InvalidAnnotation, match="infantry.dev/run-as-same-user"):
+    with pytest.raises(InvalidAnnotation, match=r"infantry\.dev/run-as-same-user"):
         inject_pod({"containers": [{"name": "app", "image": "x"}]}, {}, options)
 
 
