@@ -37,7 +37,7 @@ from infantry.notify import (
     Verifier,
 )
 from infantry.process import run_command
-from infantry.publish import Gate, Publisher, make_publisher
+from infantry.publish import Gate, Publisher, clear_fallback, fallback_version, make_publisher, mark_fallback
 from infantry.settings import Settings, SourceSpec
 from infantry.snapshot import Part, Snapshot, merge
 from infantry.sources import Source, open_source
@@ -133,6 +133,13 @@ class Agent:
 
     async def install(self) -> InstallOutcome:
         """Fetch every source within ``--timeout``, check, and publish once."""
+        try:
+            return await self._install()
+        finally:
+            for _, source in self._sources:
+                await source.aclose()
+
+    async def _install(self) -> InstallOutcome:
         timeout = self._settings.timeout
         last_errors: dict[int, SourceError] = {}
         try:
@@ -199,6 +206,8 @@ class Agent:
         snapshot = await asyncio.to_thread(read_tree, fallback, f"fallback {fallback}", self._settings.limits)
         await asyncio.to_thread(self._publisher.publish, snapshot, self._gate)
         await asyncio.to_thread(self._publisher.tidy)
+        # install has no metrics endpoint; the mark lets `watch` report the fallback until it is replaced.
+        await asyncio.to_thread(mark_fallback, self._publisher.dest, snapshot.version)
         self.metrics.publishes.labels("fallback").inc()
         logger.warning(
             "FALLBACK: %s; published the fallback set from %s (%s, %d files) instead of the store's",
@@ -219,6 +228,9 @@ class Agent:
         if current is not None:
             self.metrics.set_version(current.version, len(current.files))
             logger.info("destination holds %s (%d files)", current.short_version, len(current.files))
+            if fallback_version(self._publisher.dest) == current.version:
+                self.metrics.fallback.set(1)
+                logger.warning("FALLBACK: the live set is the fallback install published; waiting for the store")
         followers = [asyncio.create_task(self._follow(i)) for i in range(len(self._sources))]
         publishing = asyncio.create_task(self._publish_loop())
         stopping = asyncio.create_task(stop.wait())
@@ -330,6 +342,8 @@ class Agent:
             return
         self.metrics.publishes.labels("published").inc()
         self.metrics.set_version(snapshot.version, len(snapshot.files))
+        self.metrics.fallback.set(0)
+        await asyncio.to_thread(clear_fallback, self._publisher.dest)
         logger.info("published %s (%d files)", snapshot.short_version, len(snapshot.files))
         if previous is None:
             logger.info("first set in an empty destination; nobody to notify")

@@ -36,6 +36,11 @@ class Metrics:
             "infantry_snapshot_info", "The version of the live snapshot.", ["version"], registry=self.registry
         )
         self.files = Gauge("infantry_snapshot_files", "Files in the live snapshot.", registry=self.registry)
+        self.fallback = Gauge(
+            "infantry_fallback_active",
+            "1 while the live set is the baked-in fallback from install.",
+            registry=self.registry,
+        )
         self.rollbacks = Counter(
             "infantry_rollbacks", "Snapshots swapped back after the app failed verification.", registry=self.registry
         )

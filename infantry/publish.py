@@ -42,6 +42,8 @@ TMP_PREFIX = "..tmp-"
 SNAPSHOT_DIR = re.compile(r"\.\.\d{4}(_\d\d){5}\.\d{9}")
 DIR_MODE = 0o755
 
+FALLBACK = "..fallback"
+
 Gate = Callable[[Path], None]
 """A check run on the staged directory before it goes live; it raises CheckFailed to refuse it."""
 
@@ -128,6 +130,27 @@ def _replace_with_link(dest: Path, name: str, target: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def mark_fallback(dest: Path, version: str) -> None:
+    """Record that the live set, ``version``, is the baked-in fallback, for `watch` to report."""
+    tmp = dest / f"{TMP_PREFIX}fallback-{os.getpid()}"
+    tmp.write_text(version + "\n", encoding="utf-8")
+    os.rename(tmp, dest / FALLBACK)
+
+
+def fallback_version(dest: Path) -> str | None:
+    """The version recorded by :func:`mark_fallback`, if any."""
+    try:
+        return (dest / FALLBACK).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def clear_fallback(dest: Path) -> None:
+    """Forget the fallback mark, once the store's own content is live."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(dest / FALLBACK)
 
 
 def _remove(path: Path) -> None:

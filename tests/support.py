@@ -124,6 +124,17 @@ def _read_pass(dest: Path) -> dict[str, str]:
     return seen
 
 
+def installed_store(tmp_path: Path, files: dict[str, str]) -> tuple[Path, Path]:
+    """A store directory holding ``files``, installed into a destination with `infantry install`."""
+    store, dest = tmp_path / "store", tmp_path / "D"
+    store.mkdir()
+    for name, content in files.items():
+        (store / name).write_text(content)
+    result = infantry("install", "--source", store.as_uri(), "--dest", str(dest))
+    assert result.returncode == 0, result.stderr
+    return store, dest
+
+
 # -- nginx -----------------------------------------------------------------------------------------
 
 

@@ -24,6 +24,20 @@ def as_files(keys: dict[str, bytes], prefix: str = "/app/") -> dict[str, str]:
     return {k.removeprefix(prefix): v.decode() for k, v in keys.items()}
 
 
+def watch_then_cut(etcd: Etcd, proxy: CuttableProxy, tmp_path: Path, watches: list[Watch]) -> tuple[Watch, Path]:
+    """`watch` on /app/ (holding a=1) through the proxy, ready; then the connection is cut."""
+    etcd.put("/app/a", "1")
+    dest = tmp_path / "D"
+    watch = Watch(
+        tmp_path, ["--source", f"etcd://127.0.0.1:{proxy.port}/app/", "--dest", str(dest), "--interval", "0.5"]
+    )
+    watches.append(watch)
+    watch.wait_ready()
+    proxy.cut()
+    wait_until("the watcher to notice", lambda: watch.metric("infantry_syncs_total", result="error") >= 1, timeout=10)
+    return watch, dest
+
+
 def test_install_writes_every_key_and_binary_values_round_trip(etcd: Etcd, tmp_path: Path) -> None:
     binary = bytes(range(256)) * 4
     etcd.put("/app/app.yaml", "color: blue\n")
@@ -74,14 +88,7 @@ def test_watch_puts_deletes_and_one_signal_per_transaction(etcd: Etcd, tmp_path:
 def test_cut_connection_resumes_from_the_last_revision(
     etcd: Etcd, etcd_proxy: CuttableProxy, tmp_path: Path, watches: list[Watch]
 ) -> None:
-    etcd.put("/app/a", "1")
-    dest = tmp_path / "D"
-    url = f"etcd://127.0.0.1:{etcd_proxy.port}/app/"
-    watch = Watch(tmp_path, ["--source", url, "--dest", str(dest), "--interval", "0.5"])
-    watches.append(watch)
-    watch.wait_ready()
-    etcd_proxy.cut()
-    wait_until("the watcher to notice", lambda: watch.metric("infantry_syncs_total", result="error") >= 1, timeout=10)
+    watch, dest = watch_then_cut(etcd, etcd_proxy, tmp_path, watches)
     for i in range(5):
         etcd.put(f"/app/k{i}", f"v{i}")
     etcd.delete("/app/a")
@@ -93,14 +100,7 @@ def test_cut_connection_resumes_from_the_last_revision(
 def test_compaction_while_disconnected_reads_everything_again(
     etcd: Etcd, etcd_proxy: CuttableProxy, tmp_path: Path, watches: list[Watch]
 ) -> None:
-    etcd.put("/app/a", "1")
-    dest = tmp_path / "D"
-    url = f"etcd://127.0.0.1:{etcd_proxy.port}/app/"
-    watch = Watch(tmp_path, ["--source", url, "--dest", str(dest), "--interval", "0.5"])
-    watches.append(watch)
-    watch.wait_ready()
-    etcd_proxy.cut()
-    wait_until("the watcher to notice", lambda: watch.metric("infantry_syncs_total", result="error") >= 1, timeout=10)
+    watch, dest = watch_then_cut(etcd, etcd_proxy, tmp_path, watches)
     etcd.put("/app/a", "2")
     etcd.put("/app/b", "3")
     etcd.delete("/app/a")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from tests.archives import files_tar, make_zip
-from tests.support import Nginx, TlsFiles, free_port, infantry, read_as_app, tree
+from tests.support import Nginx, TlsFiles, Watch, free_port, infantry, read_as_app, tree, wait_until
 
 
 def test_install_tar_gz_bundle(nginx: Nginx, tmp_path: Path) -> None:
@@ -57,6 +57,28 @@ def test_fallback_is_published_loudly_when_the_store_is_down(tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr
     assert read_as_app(dest) == {"app.yaml": "safe: defaults\n"}
     assert "WARNING" in result.stderr and "FALLBACK" in result.stderr
+
+
+def test_watch_reports_a_fallback_until_the_store_replaces_it(
+    nginx: Nginx, tmp_path: Path, watches: list[Watch]
+) -> None:
+    fallback = tmp_path / "baked"
+    fallback.mkdir()
+    (fallback / "app.yaml").write_text("safe: defaults\n")
+    (nginx.root / "app.yaml").write_text("from: the store\n")
+    nginx.stop()
+    dest = tmp_path / "D"
+    args = ["--source", nginx.url("app.yaml"), "--dest", str(dest)]
+    assert infantry("install", *args, "--timeout", "1", "--fallback", str(fallback)).returncode == 0
+    watch = Watch(tmp_path, [*args, "--interval", "0.3"])
+    watches.append(watch)
+    wait_until("the health endpoint", lambda: watch.get("/metrics")[0] == 200)
+    assert watch.get("/readyz")[0] == 503  # the store has not answered yet
+    wait_until("the fallback to be reported", lambda: watch.metric("infantry_fallback_active") == 1)
+    nginx.start()
+    wait_until("the store's content", lambda: read_as_app(dest) == {"app.yaml": "from: the store\n"}, timeout=15)
+    wait_until("the fallback to be cleared", lambda: watch.metric("infantry_fallback_active") == 0)
+    assert not (dest / "..fallback").exists()
 
 
 def test_check_command_rejects_with_exit_4_and_publishes_nothing(nginx: Nginx, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from tests.support import (
     Watch,
     holds_for,
     infantry,
+    installed_store,
     read_as_app,
     wait_until,
 )
@@ -65,11 +66,7 @@ class Reader:
 
 
 def test_a_version_that_fails_verification_is_rolled_back(tmp_path: Path, watches: list[Watch]) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    (store / "app.yaml").write_text("v: 1\n")
-    dest = tmp_path / "D"
-    assert infantry("install", "--source", store.as_uri(), "--dest", str(dest)).returncode == 0
+    store, dest = installed_store(tmp_path, {"app.yaml": "v: 1\n"})
     health = ReloadEndpoint(status=500)
     app = SignalRecorder(tmp_path, config=dest / "app.yaml")
     try:

@@ -14,6 +14,7 @@ from tests.support import (
     Watch,
     holds_for,
     infantry,
+    installed_store,
     read_as_app,
     wait_until,
 )
@@ -28,9 +29,7 @@ def make_store(tmp_path: Path, **files: str) -> Path:
 
 
 def test_an_edit_gives_one_signal_and_a_burst_gives_one_more(tmp_path: Path, watches: list[Watch]) -> None:
-    store = make_store(tmp_path, **{"app.yaml": "color: blue\n"})
-    dest = tmp_path / "D"
-    assert infantry("install", "--source", store.as_uri(), "--dest", str(dest)).returncode == 0
+    store, dest = installed_store(tmp_path, {"app.yaml": "color: blue\n"})
     app = SignalRecorder(tmp_path, config=dest / "app.yaml")
     try:
         watch = Watch(
@@ -95,9 +94,7 @@ def test_readyz_waits_for_the_first_publish_and_sigterm_stops_it(tmp_path: Path,
 
 
 def test_signal_by_process_name_reaches_the_app(tmp_path: Path, watches: list[Watch]) -> None:
-    store = make_store(tmp_path, **{"app.yaml": "v: 1\n"})
-    dest = tmp_path / "D"
-    assert infantry("install", "--source", store.as_uri(), "--dest", str(dest)).returncode == 0
+    store, dest = installed_store(tmp_path, {"app.yaml": "v: 1\n"})
     name = f"demo-app-{os.getpid()}"
     app = SignalRecorder(tmp_path, argv0=name)
     try:
@@ -114,9 +111,7 @@ def test_signal_by_process_name_reaches_the_app(tmp_path: Path, watches: list[Wa
 def test_reload_url_and_exec_are_each_called_once_per_publish(
     tmp_path: Path, watches: list[Watch], reload_endpoint: ReloadEndpoint
 ) -> None:
-    store = make_store(tmp_path, **{"app.yaml": "v: 1\n"})
-    dest = tmp_path / "D"
-    assert infantry("install", "--source", store.as_uri(), "--dest", str(dest)).returncode == 0
+    store, dest = installed_store(tmp_path, {"app.yaml": "v: 1\n"})
     ran = tmp_path / "exec.log"
     hook = f"sh -c 'echo $INFANTRY_VERSION >> {ran}'"
     watch = Watch(
@@ -152,9 +147,7 @@ def test_reload_url_and_exec_are_each_called_once_per_publish(
 def test_reload_url_failures_are_retried_and_counted(tmp_path: Path, watches: list[Watch]) -> None:
     endpoint = ReloadEndpoint(status=500)
     try:
-        store = make_store(tmp_path, **{"app.yaml": "v: 1\n"})
-        dest = tmp_path / "D"
-        assert infantry("install", "--source", store.as_uri(), "--dest", str(dest)).returncode == 0
+        store, dest = installed_store(tmp_path, {"app.yaml": "v: 1\n"})
         watch = Watch(
             tmp_path,
             ["--source", store.as_uri(), "--dest", str(dest), "--reload-url", endpoint.url, "--reload-timeout", "2"],
