@@ -106,11 +106,6 @@ class HealthServer:
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="infantry-health", daemon=True)
 
-    @property
-    def port(self) -> int:
-        """The bound port (useful when asked for port 0)."""
-        return int(self._server.server_address[1])
-
     def start(self) -> None:
         """Serve in a background thread."""
         self._thread.start()

@@ -314,11 +314,6 @@ def _parse_header(line: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
-def option_names() -> list[str]:
-    """Every setting as its command-line option name."""
-    return [f"--{name.replace('_', '-')}" for name in Settings.model_fields]
-
-
 def env_name(field: str) -> str:
     """The environment variable that sets ``field``."""
     return ENV_PREFIX + field.upper()

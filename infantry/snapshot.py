@@ -87,10 +87,6 @@ class Snapshot:
         """The names of the entries at the top of the set (files and directories)."""
         return {path.split("/", 1)[0] for path in self.files}
 
-    def total_size(self) -> int:
-        """The number of content bytes in the set."""
-        return sum(len(entry.data) for entry in self.files.values())
-
 
 def digest(files: Mapping[str, FileEntry]) -> str:
     """A SHA-256 over paths, executable bits and content, independent of insertion order."""

@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -411,13 +411,6 @@ class Watch:
             pytest.fail(f"infantry watch did not stop within {timeout}s:\n{self.log()}")
         self._log.close()
         return code, time.monotonic() - started
-
-
-def kill_all(procs: Iterator[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 # -- etcd ------------------------------------------------------------------------------------------
