@@ -10,7 +10,7 @@ import zipfile
 import zlib
 from typing import Any, Literal
 
-from infantry.snapshot import SnapshotBuilder, printable
+from infantry.snapshot import Limits, SnapshotBuilder, printable
 
 ArchiveKind = Literal["tar", "tar.gz", "zip"]
 _CHUNK = 1 << 16
@@ -36,9 +36,14 @@ def _member_name(name: str) -> str | None:
     return None if name in ("", ".") else name
 
 
-def inflate_cap(builder: SnapshotBuilder) -> int:
+def member_cap(limits: Limits) -> int:
+    """The most members an archive may hold, directories included."""
+    return 2 * limits.max_files
+
+
+def inflate_cap(limits: Limits) -> int:
     """The most bytes an archive may inflate to: the content limit plus per-member header room."""
-    return builder.max_total_size + 1024 * 2 * builder.max_files
+    return limits.max_total_size + 1024 * member_cap(limits)
 
 
 class _CappedReader(io.RawIOBase):
@@ -86,12 +91,12 @@ def _unpack_tar(kind: ArchiveKind, body: bytes, builder: SnapshotBuilder) -> Non
     if kind == "tar.gz":
         raw = gzip.GzipFile(fileobj=raw, mode="rb")
     members = 0
-    stream = io.BufferedReader(_CappedReader(raw, inflate_cap(builder)))
+    stream = io.BufferedReader(_CappedReader(raw, inflate_cap(builder.limits)))
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             members += 1
-            if members > 2 * builder.max_files:
-                raise builder.reject(f"more than {2 * builder.max_files} archive members")
+            if members > member_cap(builder.limits):
+                raise builder.reject(f"more than {member_cap(builder.limits)} archive members")
             name = _member_name(member.name)
             if name is None:
                 continue
@@ -121,8 +126,8 @@ def _unpack_tar(kind: ArchiveKind, body: bytes, builder: SnapshotBuilder) -> Non
 def _unpack_zip(body: bytes, builder: SnapshotBuilder) -> None:
     with zipfile.ZipFile(io.BytesIO(body)) as archive:
         infos = archive.infolist()
-        if len(infos) > 2 * builder.max_files:
-            raise builder.reject(f"more than {2 * builder.max_files} archive members")
+        if len(infos) > member_cap(builder.limits):
+            raise builder.reject(f"more than {member_cap(builder.limits)} archive members")
         for info in infos:
             name = _member_name(info.filename)
             if name is None:

@@ -114,14 +114,9 @@ class SnapshotBuilder:
         return self._source
 
     @property
-    def max_files(self) -> int:
-        """The file-count limit."""
-        return self._limits.max_files
-
-    @property
-    def max_total_size(self) -> int:
-        """The total-size limit in bytes."""
-        return self._limits.max_total_size
+    def limits(self) -> Limits:
+        """The limits this builder enforces."""
+        return self._limits
 
     def remaining(self) -> int:
         """The most bytes the next file may hold under the per-file and total limits."""

@@ -175,8 +175,7 @@ class EtcdSource:
                 if not isinstance(item, dict):
                     raise self._malformed("a kvs entry is not an object")
                 kv[self._bytes(item, "key")] = self._bytes(item, "value")
-            if len(kv) > self._limits.max_files:
-                raise UnsafeDataError(self.name, f"more than {self._limits.max_files} keys under the prefix")
+            self._check_count(kv)
             if not answer.get("more") or not items:
                 break
             key = self._bytes(items[-1], "key") + b"\0"
@@ -319,7 +318,11 @@ class EtcdSource:
             else:
                 self._kv[key] = self._bytes(kv, "value")
             self._revision = max(self._revision, self._int(kv, "mod_revision"))
-        if len(self._kv) > self._limits.max_files:
+        self._check_count(self._kv)
+
+    def _check_count(self, kv: dict[bytes, bytes]) -> None:
+        """Refuse a prefix with more keys than the file-count limit, before building anything from it."""
+        if len(kv) > self._limits.max_files:
             raise UnsafeDataError(self.name, f"more than {self._limits.max_files} keys under the prefix")
 
     async def aclose(self) -> None:

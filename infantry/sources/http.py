@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 
 from infantry.archive import archive_kind, inflate_cap, unpack
-from infantry.errors import SettingsError, SourceError
+from infantry.errors import SettingsError, SourceError, UnsafeDataError
 from infantry.settings import SourceSpec
 from infantry.snapshot import Limits, Snapshot, SnapshotBuilder, printable
 from infantry.sources import redact_url
@@ -76,6 +76,7 @@ class HttpSource:
         if not self._file_name:
             raise SettingsError(f"source {self.name}: the URL names no file; set 'name' for this source")
         self._archive = archive_kind(self._file_name)
+        self._body_cap = inflate_cap(limits) if self._archive else limits.max_file_size
         self._etag: str | None = None
         self._last_modified: str | None = None
         self._last: Snapshot | None = None
@@ -100,16 +101,13 @@ class HttpSource:
 
     async def poll(self) -> Snapshot | None:
         """One conditional GET: a new Snapshot, or None when the document has not changed."""
-        body_cap = (
-            inflate_cap(SnapshotBuilder(self.name, self._limits)) if self._archive else self._limits.max_file_size
-        )
         try:
             async with self._client.stream("GET", self._spec.url, headers=self._headers(), auth=self._auth()) as resp:
                 if resp.status_code == 304 and self._last is not None:
                     return None
                 if resp.status_code != 200:
                     raise self._status_error(resp)
-                body = await self._read_capped(resp, body_cap)
+                body = await self._read_capped(resp)
                 etag, last_modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
         except (httpx.HTTPError, ssl.SSLError) as exc:
             raise SourceError(self.name, f"request failed: {type(exc).__name__}: {exc}") from exc
@@ -133,18 +131,18 @@ class HttpSource:
             retry_after=retry_after,
         )
 
-    async def _read_capped(self, resp: httpx.Response, cap: int) -> bytes:
+    async def _read_capped(self, resp: httpx.Response) -> bytes:
+        """The body, refused as soon as it passes the size limit (declared or while streaming)."""
+        cap, what = self._body_cap, printable(self._file_name)
         declared = resp.headers.get("Content-Length")
-        builder = SnapshotBuilder(self.name, self._limits)
-        what = printable(self._file_name)
         if declared is not None and declared.isdigit() and int(declared) > cap:
-            raise builder.reject(f"{what} passes the limit of {cap} bytes (it is {declared})")
+            raise UnsafeDataError(self.name, f"{what} passes the limit of {cap} bytes (it is {declared})")
         chunks: list[bytes] = []
         size = 0
         async for chunk in resp.aiter_bytes():
             size += len(chunk)
             if size > cap:
-                raise builder.reject(f"{what} passes the limit of {cap} bytes")
+                raise UnsafeDataError(self.name, f"{what} passes the limit of {cap} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
