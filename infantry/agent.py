@@ -424,7 +424,9 @@ def build_agent(settings: Settings, environ: Mapping[str, str], *, with_notifier
     specs = settings.resolved_sources()
     if not specs:
         raise SettingsError("source: at least one source is required (--source or INFANTRY_SOURCE)")
-    sources = [(spec, open_source(spec, settings.limits, settings.interval, settings.watch_timeout)) for spec in specs]
+    sources = [(spec, open_source(spec, settings.limits, settings.interval, settings.watch_timeout, settings.request_timeout))
+        for spec in specs
+    ]
     publisher = make_publisher(settings.dest, settings.layout, settings.file_mode)
     gate = make_gate(settings.check, settings.check_timeout, environ) if settings.check else None
     notifiers: list[Notifier] = []

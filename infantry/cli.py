@@ -40,6 +40,7 @@ COMMON = (
     "max_files",
     "check",
     "check_timeout",
+    "request_timeout",
     "interval",
     "header",
     "bearer_token_file",

@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     wait: Annotated[Wait, NoDecode] = Field(
         Wait(0.0, 0.0), description="Debounce `MIN[:MAX]` seconds before publishing a change."
     )
+    request_timeout: float = Field(
+        30.0, gt=0, description="HTTP and etcd: seconds one whole request may take, body included."
+    )
     watch_timeout: float = Field(
         660.0,
         gt=0,

@@ -41,8 +41,14 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
-def open_source(spec: SourceSpec, limits: Limits, interval: float, silence_timeout: float) -> Source:
-    """The backend for the spec's URL scheme. Backends are imported only when used."""
+def open_source(
+    spec: SourceSpec, limits: Limits, interval: float, silence_timeout: float, request_timeout: float = 30.0
+) -> Source:
+    """The backend for the spec's URL scheme. Backends are imported only when used.
+
+    ``request_timeout`` bounds one whole request (connect, headers and body together), so a peer that
+    drip-feeds its answer costs one deadline, never a hang.
+    """
     if spec.scheme == "file":
         from infantry.sources.file import FileSource
 
@@ -50,9 +56,9 @@ def open_source(spec: SourceSpec, limits: Limits, interval: float, silence_timeo
     if spec.scheme in ("http", "https"):
         from infantry.sources.http import HttpSource
 
-        return HttpSource(spec, limits, interval)
+        return HttpSource(spec, limits, interval, request_timeout=request_timeout)
     if spec.scheme in ("etcd", "etcds"):
         from infantry.sources.etcd import EtcdSource
 
-        return EtcdSource(spec, limits, interval, silence_timeout)
+        return EtcdSource(spec, limits, interval, silence_timeout, request_timeout=request_timeout)
     raise AssertionError(f"settings accepted an unknown scheme: {spec.scheme}")

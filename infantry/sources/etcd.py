@@ -54,6 +54,8 @@ class EtcdSource:
         interval: float,
         silence_timeout: float,
         client: httpx.AsyncClient | None = None,
+        *,
+        request_timeout: float = 30.0,
     ) -> None:
         parts = urlsplit(spec.url)
         if not parts.hostname or not parts.port:
@@ -67,6 +69,7 @@ class EtcdSource:
         self._limits = limits
         self._interval = interval
         self._silence_timeout = silence_timeout
+        self._request_timeout = request_timeout
         self._client = client if client is not None else build_client(spec)
         self._token: str | None = None
         self._kv: dict[bytes, bytes] | None = None

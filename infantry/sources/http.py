@@ -65,11 +65,14 @@ class HttpSource:
         limits: Limits,
         interval: float,
         client: httpx.AsyncClient | None = None,
+        *,
+        request_timeout: float = 30.0,
     ) -> None:
         self._spec = spec
         self.name = redact_url(spec.url)
         self._limits = limits
         self._interval = interval
+        self._request_timeout = request_timeout
         self._client = client if client is not None else build_client(spec)
         path = unquote(urlsplit(spec.url).path)
         self._file_name = spec.name or path.rsplit("/", 1)[-1]
