@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,15 +27,35 @@ from prometheus_client.parser import text_string_to_metric_families
 
 HELPERS = Path(__file__).parent / "helpers"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# How long a helper keeps retrying what only failed for lack of CPU (a pass racing a swap, a refused
+# connection from a server still starting); a busy 2-core CI machine needs seconds, not tries.
+READ_RETRY_SECONDS = 5.0
+REQUEST_SECONDS = 10.0
+
+
+# The deadline of the innermost wait_until, so that a helper retrying inside a condition (Watch.get)
+# gives up when the caller would, not after its own, longer, timeout.
+_caller_deadline: ContextVar[float | None] = ContextVar("caller_deadline", default=None)
 
 
 def wait_until(what: str, condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> None:
     """Poll ``condition`` until it holds, failing the test with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    token = _caller_deadline.set(deadline)
+    try:
+        while not condition():
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {timeout}s waiting for {what}")
+            time.sleep(interval)
+    finally:
+        _caller_deadline.reset(token)
+
+
+def _deadline(timeout: float) -> float:
+    """``timeout`` seconds from now, or the enclosing wait_until's deadline if that comes first."""
+    own = time.monotonic() + timeout
+    caller = _caller_deadline.get()
+    return own if caller is None else min(own, caller)
 
 
 def holds_for(condition: Callable[[], bool], seconds: float) -> bool:
@@ -101,12 +123,15 @@ def read_as_app(dest: Path) -> dict[str, str]:
     A name removed by a publish between listing and reading makes the pass start again, as an app
     rescanning its directory would.
     """
-    for _ in range(50):
+    deadline = time.monotonic() + READ_RETRY_SECONDS
+    while True:
         try:
             return _read_pass(dest)
         except FileNotFoundError:
-            continue
-    return _read_pass(dest)
+            # A pass can lose the race with a swap many times in a row on a busy machine: give up only
+            # after a span of time, never after a count of tries.
+            if time.monotonic() > deadline:
+                raise
 
 
 def _read_pass(dest: Path) -> dict[str, str]:
@@ -368,14 +393,25 @@ class Watch:
             env=full_env,
         )
 
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError:
-            return 0, ""
+    def get(self, path: str, timeout: float = REQUEST_SECONDS) -> tuple[int, str]:
+        """The status and body of ``path`` on the health server; (0, "") if it cannot be reached in time.
+
+        A refused, reset or timed-out request is tried again while the process lives, until ``timeout``
+        (or the enclosing wait_until's deadline): on a busy machine the server may be slow to start or to
+        answer, and that is not what a test checks.
+        """
+        deadline = _deadline(timeout)
+        while True:
+            remaining = max(deadline - time.monotonic(), 0.1)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=remaining) as resp:
+                    return resp.status, resp.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+            except (OSError, http.client.HTTPException):
+                if self.proc.poll() is not None or time.monotonic() >= deadline:
+                    return 0, ""
+                time.sleep(0.05)
 
     def wait_ready(self, timeout: float = 10) -> None:
         def ready() -> bool:
@@ -387,7 +423,7 @@ class Watch:
 
     def metric(self, name: str, **labels: str) -> float:
         status, body = self.get("/metrics")
-        assert status == 200, body
+        assert status == 200, f"/metrics answered {status} {body}\n{self.log()}"
         for family in text_string_to_metric_families(body):
             for sample in family.samples:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
@@ -398,8 +434,8 @@ class Watch:
         self._log.flush()
         return self.log_path.read_text()
 
-    def stop(self, timeout: float = 5) -> tuple[int, float]:
-        """SIGTERM, then the exit code and how long it took to exit."""
+    def stop(self, timeout: float = 20) -> tuple[int, float]:
+        """SIGTERM, then the exit code and how long it took to exit (tests bound that themselves)."""
         started = time.monotonic()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -434,6 +470,7 @@ class Etcd:
         self.token_ttl = token_ttl
         self.proc: subprocess.Popen[bytes] | None = None
         self.token: str | None = None
+        self._root_password: str | None = None
 
     @property
     def scheme(self) -> str:
@@ -496,12 +533,29 @@ class Etcd:
         return True
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Authorization": self.token} if self.token else {}
+        """POST ``body`` to the JSON gateway; as root once auth is on, logging in again if the token expired.
+
+        A short ``token_ttl`` (or a restart, which forgets simple tokens) can expire the helper's own token
+        while a slow test runs; etcd then answers 401 with gRPC code 16 (UNAUTHENTICATED).
+        """
         with self._client() as client:
-            resp = client.post(self.endpoint + path, json=body, headers=headers)
+            resp = self._post(client, path, body)
+            if self._root_password is not None and _token_rejected(resp):
+                self._login(client)
+                resp = self._post(client, path, body)
             resp.raise_for_status()
             result: dict[str, Any] = resp.json()
             return result
+
+    def _post(self, client: Any, path: str, body: dict[str, Any]) -> Any:
+        headers = {"Authorization": self.token} if self.token else {}
+        return client.post(self.endpoint + path, json=body, headers=headers)
+
+    def _login(self, client: Any) -> None:
+        self.token = None
+        resp = self._post(client, "/v3/auth/authenticate", {"name": "root", "password": self._root_password})
+        resp.raise_for_status()
+        self.token = resp.json()["token"]
 
     def put(self, key: str, value: bytes | str) -> int:
         return int(self.call("/v3/kv/put", {"key": b64(key), "value": b64(value)})["header"]["revision"])
@@ -540,7 +594,9 @@ class Etcd:
         self.call("/v3/auth/user/add", {"name": user, "password": password})
         self.call("/v3/auth/user/grant", {"user": user, "role": "reader"})
         self.call("/v3/auth/enable", {})
-        self.token = self.call("/v3/auth/authenticate", {"name": "root", "password": "root-password"})["token"]
+        self._root_password = "root-password"
+        with self._client() as client:
+            self._login(client)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -556,6 +612,17 @@ class Etcd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _token_rejected(resp: Any) -> bool:
+    """True if etcd refused the request for its auth token (HTTP 401, or gRPC code 16 in the body)."""
+    if resp.status_code == 401:
+        return True
+    try:
+        answer = resp.json()
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and answer.get("code") == 16
 
 
 class CuttableProxy:
