@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import stat
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -14,9 +17,11 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from infantry.errors import SettingsError, SourceError
+from infantry.errors import SettingsError, SourceError, UnsafeDataError
 from infantry.settings import SourceSpec
 from infantry.snapshot import Limits, Snapshot, SnapshotBuilder, printable
+
+logger = logging.getLogger(__name__)
 
 # Events that mean content may have changed. Opening or reading a file (which infantry itself does)
 # does not count, or every read would trigger another.
@@ -33,78 +38,167 @@ def path_of(url: str) -> Path:
     return Path(unquote(parts.path))
 
 
+# A read that raced a change (an entry vanished, or changed kind, while the tree was walked) is
+# simply done again at once; only a tree that keeps changing this many times becomes an error.
+READ_ATTEMPTS = 3
+
+
+class _Raced(Exception):
+    """The tree changed under the read. ``final`` is what to raise if it still does on the last try."""
+
+    def __init__(self, final: SourceError | UnsafeDataError) -> None:
+        super().__init__(str(final))
+        self.final = final
+
+
 def read_tree(root: Path, name: str, limits: Limits) -> Snapshot:
     """Read a file, or every regular file under a directory, into a Snapshot.
 
     A directory that is itself a kubelet-style volume (a mounted ConfigMap, or infantry's own output)
     is read from the snapshot directory ``..data`` points at, resolved once, so a swap during the read
-    cannot mix two versions; if ``..data`` moved meanwhile, the read starts again.
-    Links are followed only to regular files inside the tree.
+    cannot mix two versions. ``..data`` is followed only to a ``..``-named directory directly inside
+    the tree. Links are followed only to regular files inside the tree.
+
+    Raises only SourceError (the tree is missing, unreadable, or kept changing while read) and
+    UnsafeDataError (a link loop, a link leaving the tree, a bad name or size). Safe to call from
+    several threads: it keeps no state.
     """
-    data = root / "..data"
-    for _ in range(5):
+    raced: _Raced | None = None
+    for _ in range(READ_ATTEMPTS):
         try:
-            target = os.readlink(data)
-        except OSError:
-            break  # not a kubelet-style volume
-        try:
-            snapshot = _read(root, root / target, name, limits)
-        except SourceError:
-            snapshot = None  # the directory went away under us: a swap; read the new one
-        if snapshot is not None and os.readlink(data) == target:
-            return snapshot
-    return _read(root, root, name, limits)
+            return _read_once(root, name, limits)
+        except _Raced as exc:
+            raced = exc
+    assert raced is not None
+    raise raced.final
 
 
-def _read(root: Path, base: Path, name: str, limits: Limits) -> Snapshot:
+def _read_once(root: Path, name: str, limits: Limits) -> Snapshot:
     builder = SnapshotBuilder(name, limits)
+    # (1) The root itself: a missing store is temporary trouble, a looping one is unsafe.
     try:
         st = root.stat()
     except OSError as exc:
-        raise SourceError(name, f"cannot read {root}: {exc.strerror}") from exc
+        raise _os_error(name, str(root), exc, vanished_is_race=False) from exc
     if stat.S_ISREG(st.st_mode):
         _add_file(builder, root, root.name)
         return builder.build()
     if not stat.S_ISDIR(st.st_mode):
         raise builder.reject(f"{root} is neither a file nor a directory")
-    real_base = base.resolve()
-    for dirpath, dirnames, filenames in os.walk(base, onerror=_raise):
-        here = Path(dirpath)
-        for entry_name in sorted(filenames + dirnames):
-            path = here / entry_name
-            rel = path.relative_to(base).as_posix()
-            if not path.is_symlink():
-                if entry_name in filenames:
-                    _add_file(builder, path, rel)
-                else:
-                    builder.check_dir(rel)
-                continue
-            target = path.resolve()
-            if not target.is_relative_to(real_base) or not target.is_file():
-                raise builder.reject(f"{printable(rel)} is a link to something outside the tree or not a regular file")
-            if entry_name in dirnames:
-                dirnames.remove(entry_name)
-            _add_file(builder, target, rel)
+    # (2) A kubelet-style volume is read from the one snapshot directory ``..data`` names right now.
+    snapshot_dir = _snapshot_dir(root, name)
+    base = root if snapshot_dir is None else root / snapshot_dir
+    # (3) Walk it, following links only to regular files inside it.
+    _walk(builder, base)
+    # (4) If ``..data`` moved meanwhile, the snapshot read may be the one being removed: read again.
+    if snapshot_dir is not None and _snapshot_dir(root, name) != snapshot_dir:
+        raise _Raced(SourceError(name, f"{root}/..data kept moving while it was read"))
     return builder.build()
 
 
-def _raise(exc: OSError) -> None:
-    raise exc
+def _snapshot_dir(root: Path, name: str) -> str | None:
+    """The ``..``-named directory inside ``root`` that ``root/..data`` points at, or None if there is no link."""
+    data = root / "..data"
+    try:
+        target = os.readlink(data)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return None  # a plain entry named ..data: the walk refuses it as a reserved name
+        raise _os_error(name, str(data), exc) from exc
+    if "/" in target or not target.startswith("..") or target in ("..", "..data"):
+        raise UnsafeDataError(
+            name, f"{data} points to {printable(target)}, not to a '..' snapshot directory inside the tree"
+        )
+    try:
+        st = os.lstat(root / target)
+    except OSError as exc:
+        raise _os_error(name, str(root / target), exc) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDataError(name, f"{data} points to {printable(target)}, which is not a directory")
+    return target
+
+
+def _walk(builder: SnapshotBuilder, base: Path) -> None:
+    name = builder.source
+    try:
+        real_base = Path(os.path.realpath(base, strict=True))
+    except OSError as exc:
+        raise _os_error(name, str(base), exc) from exc
+    pending = [base]
+    while pending:
+        here = pending.pop()
+        try:
+            with os.scandir(here) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            raise _os_error(name, str(here), exc) from exc
+        for entry in entries:
+            path = Path(entry.path)
+            rel = path.relative_to(base).as_posix()
+            try:
+                is_link = entry.is_symlink()
+                is_dir = not is_link and entry.is_dir(follow_symlinks=False)
+            except OSError as exc:
+                raise _os_error(name, printable(rel), exc) from exc
+            if is_dir:
+                builder.check_dir(rel)
+                pending.append(path)
+            elif is_link:
+                _add_file(builder, _link_target(builder, path, rel, real_base), rel)
+            else:
+                _add_file(builder, path, rel)
+
+
+def _link_target(builder: SnapshotBuilder, path: Path, rel: str, real_base: Path) -> Path:
+    """Where a link inside the tree leads, if that is a place inside the tree; else UnsafeDataError."""
+    try:
+        target = Path(os.path.realpath(path, strict=True))
+    except FileNotFoundError as exc:
+        # Either the link went away (a change in progress) or it dangles: read again to tell which.
+        raise _Raced(builder.reject(f"{printable(rel)} is a link to nothing")) from exc
+    except OSError as exc:
+        raise _os_error(builder.source, printable(rel), exc) from exc
+    if not target.is_relative_to(real_base):
+        raise builder.reject(f"{printable(rel)} is a link to something outside the tree")
+    return target
 
 
 def _add_file(builder: SnapshotBuilder, path: Path, rel: str) -> None:
+    """Read one regular file. The path is opened without following a final link: it was checked already."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError as exc:
-        raise SourceError(builder.source, f"cannot read {printable(rel)}: {exc.strerror}") from exc
+        if exc.errno == errno.ELOOP:  # it became a link after it was listed or resolved: a change in progress
+            raise _Raced(builder.reject(f"{printable(rel)} keeps changing into a link")) from exc
+        raise _os_error(builder.source, printable(rel), exc) from exc
     with open(fd, "rb", closefd=True) as handle:
         st = os.fstat(handle.fileno())
+        if stat.S_ISDIR(st.st_mode):
+            raise _Raced(builder.reject(f"{printable(rel)} is a link to a directory, not to a regular file"))
         if not stat.S_ISREG(st.st_mode):
             raise builder.reject(f"{printable(rel)} is not a regular file")
         builder.check_size(rel, st.st_size)
-        # Read one byte past the limit, so a file that grew since fstat is still caught.
-        data = handle.read(builder.remaining() + 1)
+        try:
+            # Read one byte past the limit, so a file that grew since fstat is still caught.
+            data = handle.read(builder.remaining() + 1)
+        except OSError as exc:
+            raise _os_error(builder.source, printable(rel), exc) from exc
     builder.add(rel, data, executable=bool(st.st_mode & 0o100))
+
+
+def _os_error(source: str, what: str, exc: OSError, *, vanished_is_race: bool = True) -> Exception:
+    """Translate an OSError met while reading the tree into the error a source may raise."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno == errno.ELOOP:
+        return UnsafeDataError(source, f"{what} is a link loop")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return SourceError(source, f"cannot read {what}: {reason}", temporary=False)
+    error = SourceError(source, f"cannot read {what}: {reason}")
+    if vanished_is_race and exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return _Raced(SourceError(source, f"the tree kept changing while it was read ({what}: {reason})"))
+    return error
 
 
 class _Wakeup(FileSystemEventHandler):
@@ -139,9 +233,13 @@ class FileSource:
         return await asyncio.to_thread(read_tree, self.root, self.name, self._limits)
 
     async def watch(self) -> AsyncIterator[Snapshot | None]:
-        """The tree now, then again on each change that watchdog reports, or every interval."""
+        """The tree now, then again on each change that watchdog reports, or every interval.
+
+        Raises only SourceError and UnsafeDataError. A watcher that died, or that watches a directory
+        since replaced, is started again; the resync every interval covers the gap.
+        """
         changed = asyncio.Event()
-        observer = self._start_observer(changed)
+        observer, watched = self._start_observer(changed)
         try:
             last = await self.fetch()
             yield last
@@ -151,25 +249,64 @@ class FileSource:
                 while changed.is_set():
                     changed.clear()
                     await asyncio.sleep(SETTLE_SECONDS)
+                if not _observing(observer, watched):
+                    logger.info(
+                        "%s: the file watcher stopped or its directory was replaced; starting it again", self.name
+                    )
+                    await _stop(observer)
+                    observer, watched = self._start_observer(changed)
                 snapshot = await self.fetch()
                 yield snapshot if snapshot.version != last.version else None
                 last = snapshot
         finally:
-            observer.stop()
-            await asyncio.to_thread(observer.join)
+            await _stop(observer)
 
-    def _start_observer(self, changed: asyncio.Event) -> BaseObserver:
+    def _start_observer(self, changed: asyncio.Event) -> tuple[BaseObserver, _Watched]:
         """Watch the tree (or, for one file, its directory). Without a watch, resync still runs."""
         is_dir = self.root.is_dir()
         target = self.root if is_dir else self.root.parent
         handler = _Wakeup(asyncio.get_running_loop(), changed, None if is_dir else self.root.name)
         observer = Observer()
         try:
+            watched = _Watched.of(target)
             observer.schedule(handler, str(target), recursive=is_dir)
             observer.start()
         except OSError as exc:
-            raise SourceError(self.name, f"cannot watch {target}: {exc.strerror}") from exc
-        return observer
+            observer.stop()
+            raise SourceError(self.name, f"cannot watch {target}: {exc.strerror or exc}") from exc
+        return observer, watched
 
     async def aclose(self) -> None:
         """Nothing stays open between watches."""
+
+
+@dataclass(frozen=True)
+class _Watched:
+    """The directory a watcher was started on, by identity: a replaced directory is no longer watched."""
+
+    path: Path
+    device: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> _Watched:
+        st = path.stat()
+        return cls(path, st.st_dev, st.st_ino)
+
+    def still_there(self) -> bool:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (self.device, self.inode)
+
+
+def _observing(observer: BaseObserver, watched: _Watched) -> bool:
+    """Whether the watcher still runs, every one of its threads, on the directory it was started on."""
+    return observer.is_alive() and all(emitter.is_alive() for emitter in observer.emitters) and watched.still_there()
+
+
+async def _stop(observer: BaseObserver) -> None:
+    observer.stop()
+    if observer.is_alive():
+        await asyncio.to_thread(observer.join)
