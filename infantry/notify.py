@@ -7,17 +7,16 @@ import logging
 import os
 import shlex
 import signal
-import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import httpx
-from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt, stop_after_delay
-from tenacity.wait import wait_random_exponential
 
 from infantry.errors import NotifyError
 from infantry.process import run_command
+from infantry.retry import Backoff
 from infantry.snapshot import Snapshot
 from infantry.sources import redact_url
 
@@ -65,6 +64,15 @@ def find_processes(name: str, proc: Path = Path("/proc")) -> list[int]:
     return sorted(pid for pid, ppid in matches.items() if ppid not in matches)
 
 
+# The kernel's PID_MAX_LIMIT on 64-bit Linux: no PID is larger.
+PID_MAX = 4_194_304
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """User-supplied text, printable and short, for an error message."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 class SignalNotifier:
     """Sends a signal to the app, found by process name or PID file."""
 
@@ -75,70 +83,174 @@ class SignalNotifier:
         self._process = process
         self._pid_file = pid_file
 
-    def _targets(self) -> list[int]:
-        if self._pid_file is not None:
-            try:
-                return [int(self._pid_file.read_text().strip())]
-            except (OSError, ValueError) as exc:
-                raise NotifyError(f"cannot read a PID from {self._pid_file}: {exc}") from exc
-        assert self._process is not None
-        pids = find_processes(self._process)
-        if not pids:
-            raise NotifyError(f"no process named {self._process!r} (the pod needs shareProcessNamespace: true)")
-        return pids
+    @property
+    def _name(self) -> str:
+        return "SIG" + self._signal.name.removeprefix("SIG")
 
     async def notify(self, snapshot: Snapshot) -> None:
-        """Signal every target; fail if any could not be signalled."""
-        for pid in self._targets():
+        """Signal the app: the PID in the file, or every process with the name it may signal."""
+        if self._pid_file is not None:
+            self._signal_pid_file(self._pid_file)
+        else:
+            assert self._process is not None
+            self._signal_by_name(self._process)
+
+    def _signal_pid_file(self, pid_file: Path) -> None:
+        pid = read_pid_file(pid_file)
+        try:
+            os.kill(pid, self._signal)
+        except ProcessLookupError:
+            raise NotifyError(f"process {pid} (from {pid_file}) is not running") from None
+        except PermissionError:
+            raise NotifyError(
+                f"not allowed to signal process {pid} (from {pid_file}); run infantry as the app's user"
+            ) from None
+        logger.info("sent %s to process %d", self._name, pid)
+
+    def _signal_by_name(self, name: str) -> None:
+        pids = find_processes(name)
+        if not pids:
+            raise NotifyError(f"no process named {name!r} (the pod needs shareProcessNamespace: true)")
+        signalled, refused, gone = [], [], []
+        for pid in pids:
             try:
                 os.kill(pid, self._signal)
             except ProcessLookupError:
-                raise NotifyError(f"process {pid} is not running") from None
+                gone.append(pid)
+                logger.warning("process %d named %r exited before it could be signalled", pid, name)
             except PermissionError:
-                raise NotifyError(f"not allowed to signal process {pid}; run infantry as the app's user") from None
-            logger.info("sent SIG%s to process %d", self._signal.name.removeprefix("SIG"), pid)
+                refused.append(pid)
+                logger.warning("not allowed to send %s to process %d named %r", self._name, pid, name)
+            else:
+                signalled.append(pid)
+                logger.info("sent %s to process %d", self._name, pid)
+        if not signalled:
+            why = [f"not allowed to signal {refused} (run infantry as the app's user)"] if refused else []
+            why += [f"{gone} exited"] if gone else []
+            raise NotifyError(f"could not signal any process named {name!r}: {'; '.join(why)}")
 
     async def aclose(self) -> None:
         """Nothing to release."""
 
 
-class _BadStatus(Exception):
-    pass
+def read_pid_file(pid_file: Path) -> int:
+    """The PID a PID file names; NotifyError unless it is one other process that may be signalled.
+
+    ``kill`` treats 0, -1 and negative numbers as process groups or "everyone", and 1 is init: none of
+    those, nor infantry itself, is ever a reload target.
+    """
+    try:
+        with pid_file.open("rb") as file:
+            raw = file.read(64)
+    except OSError as exc:
+        raise NotifyError(f"cannot read the PID file {pid_file}: {exc.strerror or exc}") from exc
+    text = raw.decode("utf-8", "replace")
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > len(str(PID_MAX)):
+        raise NotifyError(f"the PID file {pid_file} does not hold a process ID: {_shown(text)}")
+    pid = int(digits)
+    if pid <= 1 or pid > PID_MAX:
+        raise NotifyError(f"the PID file {pid_file} holds {pid}, which is not a process that can be reloaded")
+    if pid == os.getpid():
+        raise NotifyError(f"the PID file {pid_file} holds infantry's own PID {pid}")
+    return pid
+
+
+# Reload calls retry quickly at first: the app is usually local and answers at once.
+RELOAD_BACKOFF = Backoff(base=0.05, cap=2.0)
+VERIFY_BACKOFF = Backoff(base=0.1, cap=1.0)
+
+
+class _Refused(Exception):
+    """The endpoint answered, with a status that is not 2xx."""
+
+    def __init__(self, status: int, retry_after: float | None) -> None:
+        super().__init__(f"HTTP {status}")
+        self.retry_after = retry_after
+
+
+async def _call_status(
+    client: httpx.AsyncClient, method: str, url: str, headers: Mapping[str, str], deadline: float
+) -> None:
+    """One request that must answer 2xx (else _Refused), bounded as a whole by ``deadline`` (loop time).
+
+    Only the status matters, so a body that never ends (or drips in) costs nothing: the body is never
+    read, and the response is closed unread, which closes its connection.
+    """
+    async with asyncio.timeout_at(deadline), client.stream(method, url, headers=headers) as resp:
+        if not resp.is_success:
+            raise _Refused(resp.status_code, _retry_after(resp))
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("Retry-After", "")
+    return float(value) if value.isascii() and value.isdigit() else None
+
+
+def _describe(exc: BaseException, url: str) -> str:
+    """Why a request failed, without the URL's password or query."""
+    if isinstance(exc, _Refused):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    detail = str(exc)
+    parts = urlsplit(url)
+    for secret in (url, parts.password, parts.query):
+        if secret:
+            detail = detail.replace(secret, redact_url(url) if secret == url else "***")
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+# ssl.SSLError is an OSError; httpx's timeouts are HTTPErrors; TimeoutError is the whole-call deadline.
+_RETRIED = (httpx.HTTPError, OSError, TimeoutError, _Refused)
 
 
 class HttpNotifier:
-    """Calls a reload URL and expects a 2xx answer, retrying with backoff and jitter."""
+    """Calls a reload URL and expects a 2xx answer, retrying with backoff until its timeout runs out."""
 
     method = "http"
 
-    def __init__(self, client: httpx.AsyncClient, url: str, http_method: str, timeout: float) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        http_method: str,
+        timeout: float,
+        *,
+        backoff: Backoff = RELOAD_BACKOFF,
+    ) -> None:
         self._client = client
         self._url = url
         self._http_method = http_method
         self._timeout = timeout
+        self._backoff = backoff
 
     async def notify(self, snapshot: Snapshot) -> None:
-        """Call the URL until it answers 2xx, or the attempts or the time run out."""
-        shown = redact_url(self._url)
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(5) | stop_after_delay(self._timeout),
-            wait=wait_random_exponential(multiplier=0.1, max=2),
-            retry=retry_if_exception_type((httpx.TransportError, ssl.SSLError, _BadStatus)),
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    resp = await self._client.request(
-                        self._http_method, self._url, headers={"X-Infantry-Version": snapshot.version}
-                    )
-                    if not resp.is_success:
-                        raise _BadStatus(f"HTTP {resp.status_code}")
-        except RetryError as exc:
-            cause = exc.last_attempt.exception()
-            raise NotifyError(f"reload call to {shown} failed: {cause}") from cause
-        except (httpx.HTTPError, ssl.SSLError) as exc:
-            raise NotifyError(f"reload call to {shown} failed: {exc}") from exc
-        logger.info("called %s %s", self._http_method, shown)
+        """Call the URL until it answers 2xx; NotifyError, with the last cause, once ``timeout`` ran out.
+
+        The timeout bounds the whole call: every attempt, however slowly the endpoint answers, and the
+        pauses between attempts.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        headers = {"X-Infantry-Version": snapshot.version}
+        failures = 0
+        while True:
+            try:
+                await _call_status(self._client, self._http_method, self._url, headers, deadline)
+            except _RETRIED as exc:
+                failures += 1
+                hint = exc.retry_after if isinstance(exc, _Refused) else None
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise NotifyError(
+                        f"reload call to {redact_url(self._url)} failed {failures} times in {self._timeout:g}s;"
+                        f" last: {_describe(exc, self._url)}"
+                    ) from exc
+                await asyncio.sleep(min(self._backoff.delay(failures - 1, hint), left))
+                continue
+            logger.info("called %s %s", self._http_method, redact_url(self._url))
+            return
 
     async def aclose(self) -> None:
         """Close the HTTP client."""
@@ -177,33 +289,33 @@ class Verifier(Protocol):
         """Release what the verifier holds open."""
 
 
-VERIFY_PAUSE_SECONDS = 0.2
-
-
 class HttpVerifier:
     """Healthy means a 2xx answer from a URL, tried again and again until the time runs out."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str, timeout: float) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, url: str, timeout: float, *, backoff: Backoff = VERIFY_BACKOFF
+    ) -> None:
         self._client = client
         self._url = url
         self._timeout = timeout
+        self._backoff = backoff
 
     async def verify(self) -> str | None:
-        """GET the URL until it answers 2xx or the verify timeout runs out."""
-        deadline = asyncio.get_running_loop().time() + self._timeout
+        """GET the URL until it answers 2xx; ``timeout`` bounds all the attempts together."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
         problem = "no answer"
-        while True:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                return f"{redact_url(self._url)}: {problem} within {self._timeout:g}s"
+        failures = 0
+        while loop.time() < deadline:
             try:
-                resp = await self._client.get(self._url, timeout=left)
-                if resp.is_success:
-                    return None
-                problem = f"HTTP {resp.status_code}"
-            except (httpx.HTTPError, ssl.SSLError) as exc:
-                problem = f"{type(exc).__name__}"
-            await asyncio.sleep(min(VERIFY_PAUSE_SECONDS, max(0.0, deadline - asyncio.get_running_loop().time())))
+                await _call_status(self._client, "GET", self._url, {}, deadline)
+            except _RETRIED as exc:
+                problem = _describe(exc, self._url)
+                failures += 1
+                await asyncio.sleep(min(self._backoff.delay(failures - 1), max(0.0, deadline - loop.time())))
+                continue
+            return None
+        return f"{redact_url(self._url)}: {problem} within {self._timeout:g}s"
 
     async def aclose(self) -> None:
         """Close the HTTP client."""
@@ -213,22 +325,27 @@ class HttpVerifier:
 class CommandVerifier:
     """Healthy means the command exits 0, tried again and again until the time runs out."""
 
-    def __init__(self, command: str, timeout: float, environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, command: str, timeout: float, environ: Mapping[str, str], *, backoff: Backoff = VERIFY_BACKOFF
+    ) -> None:
         self._argv = shlex.split(command)
         self._timeout = timeout
         self._environ = environ
+        self._backoff = backoff
 
     async def verify(self) -> str | None:
         """Run the command until it exits 0 or the verify timeout runs out."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         problem = "did not run"
+        failures = 0
         while (left := deadline - loop.time()) > 0:
             result = await asyncio.to_thread(run_command, self._argv, left, self._environ)
             if result.ok:
                 return None
             problem = result.describe()
-            await asyncio.sleep(min(VERIFY_PAUSE_SECONDS, max(0.0, deadline - loop.time())))
+            failures += 1
+            await asyncio.sleep(min(self._backoff.delay(failures - 1), max(0.0, deadline - loop.time())))
         return f"verify command {self._argv[0]!r} {problem}"
 
     async def aclose(self) -> None:
