@@ -80,9 +80,11 @@ def unpack(kind: ArchiveKind, body: bytes, builder: SnapshotBuilder) -> None:
         gzip.BadGzipFile,
         NotImplementedError,
         RuntimeError,
+        ValueError,  # zipfile and tarfile raise it for some malformed headers (and UnicodeDecodeError is one)
+        OverflowError,
     ) as exc:
         raise builder.reject(f"not a valid {kind} archive: {exc or type(exc).__name__}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise builder.reject(f"not a valid {kind} archive: {exc}") from exc
 
 

@@ -3,7 +3,11 @@
 Every key under the prefix becomes a file named by the key relative to the prefix. The source reads the
 whole prefix in pages pinned to one revision, then follows a watch stream from the next revision. After a
 broken stream it resumes from the last revision seen, so nothing is missed; if that revision has been
-compacted away, it reads everything again and watches from there.
+compacted away, or the store was rebuilt from scratch (a new cluster ID, or a revision lower than one
+already seen), it reads everything again and watches from there.
+
+Every request has a whole-request deadline (``request_timeout``): a unary call, and a watch stream
+until its response headers arrive. Only SourceError, UnsafeDataError and SettingsError leave this module.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import ssl
@@ -73,7 +78,13 @@ class EtcdSource:
         self._client = client if client is not None else build_client(spec)
         self._token: str | None = None
         self._kv: dict[bytes, bytes] | None = None
-        self._revision = 0
+        self._revision = 0  # the revision self._kv reflects
+        # What the store's response headers said: a different cluster, or a revision going backwards,
+        # means the store was rebuilt from scratch and self._kv describes a store that is gone.
+        self._cluster_id: str | None = None
+        self._store_revision = 0
+        # A watch line never needs more than the whole prefix, base64-encoded, with room for JSON.
+        self._max_line = limits.max_total_size * 2 + (1 << 20)
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -112,16 +123,23 @@ class EtcdSource:
             await self._authenticate()
         for attempt in (1, 2):
             try:
-                resp = await self._client.post(self._base + path, json=body, headers=self._headers())
+                async with asyncio.timeout(self._request_timeout):
+                    resp = await self._client.post(self._base + path, json=body, headers=self._headers())
+            except TimeoutError as exc:
+                raise self._error(f"{path} took longer than {self._request_timeout:g}s") from exc
             except (httpx.HTTPError, ssl.SSLError) as exc:
                 raise self._error(f"request failed: {type(exc).__name__}: {exc}") from exc
+            if resp.status_code != 200:
+                answer = self._decode_error(resp.content)
+                if authenticate and attempt == 1 and self._rejected_token(resp.status_code, answer):
+                    await self._authenticate()
+                    continue
+                message = answer.get("message") or answer.get("error") or resp.reason_phrase
+                raise self._error(f"HTTP {resp.status_code}: {message}", temporary=resp.status_code >= 500)
             answer = self._decode(resp.content)
             if authenticate and attempt == 1 and self._rejected_token(resp.status_code, answer):
                 await self._authenticate()
                 continue
-            if resp.status_code != 200:
-                message = answer.get("message") or answer.get("error") or resp.reason_phrase
-                raise self._error(f"HTTP {resp.status_code}: {message}", temporary=resp.status_code >= 500)
             return answer
         raise self._error("etcd keeps rejecting the authentication token", temporary=False)
 
@@ -131,11 +149,20 @@ class EtcdSource:
     def _decode(self, raw: bytes) -> dict[str, Any]:
         try:
             answer = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
+            # RecursionError: nesting deeper than the parser's stack. ValueError includes an integer
+            # with more digits than Python converts, and bytes that are not UTF-8.
             raise self._malformed(f"not JSON: {raw[:60]!r}") from None
         if not isinstance(answer, dict):
             raise self._malformed(f"expected an object, got {type(answer).__name__}")
         return answer
+
+    def _decode_error(self, raw: bytes) -> dict[str, Any]:
+        """The JSON of an error answer, or nothing: a proxy's HTML error page is trouble, not bad data."""
+        try:
+            return self._decode(raw)
+        except UnsafeDataError:
+            return {}
 
     def _bytes(self, item: dict[str, Any], field: str) -> bytes:
         value = item.get(field, "")
@@ -159,6 +186,37 @@ class EtcdSource:
             raise self._malformed("no header")
         return self._int(header, "revision")
 
+    def _rebuilt(self, answer: dict[str, Any]) -> bool:
+        """Note the store's identity from a response header; True if it is not the store read before.
+
+        etcd's revision never goes backwards and its cluster ID never changes, short of the store being
+        rebuilt from scratch. Then the revision to resume from means nothing, and keys the old store had
+        may be gone without any delete event.
+        """
+        header = answer.get("header")
+        if not isinstance(header, dict):
+            raise self._malformed("no header")
+        revision = self._int(header, "revision")
+        cluster_id = header.get("cluster_id")
+        cluster_id = str(cluster_id) if cluster_id is not None else None
+        rebuilt = (cluster_id is not None and self._cluster_id is not None and cluster_id != self._cluster_id) or (
+            revision < self._store_revision
+        )
+        if rebuilt:
+            logger.warning(
+                "%s: the store was rebuilt (cluster %s at revision %d, was cluster %s at revision %d); "
+                "reading everything again",
+                self.name,
+                cluster_id,
+                revision,
+                self._cluster_id,
+                self._store_revision,
+            )
+            self._store_revision = 0
+        self._cluster_id = cluster_id or self._cluster_id
+        self._store_revision = max(self._store_revision, revision)
+        return rebuilt
+
     # -- reading ---------------------------------------------------------------------------------
 
     async def _read_all(self) -> None:
@@ -170,6 +228,10 @@ class EtcdSource:
             if revision:
                 body["revision"] = revision
             answer = await self._post("/v3/kv/range", body)
+            if self._rebuilt(answer) and revision:
+                # Rebuilt between two pages: the pages so far came from the store that is gone.
+                kv, key, revision = {}, self._prefix, 0
+                continue
             revision = revision or self._header_revision(answer)
             items = answer.get("kvs", [])
             if not isinstance(items, list):
@@ -212,13 +274,16 @@ class EtcdSource:
                 yield self._snapshot()
             ended_by: object = None
             async for changed in self._stream():
-                if changed is _COMPACTED or changed is _TOKEN_EXPIRED:
+                if changed is _COMPACTED or changed is _TOKEN_EXPIRED or changed is _REBUILT:
                     ended_by = changed
                     break
                 yield self._snapshot() if changed else None
             if ended_by is _TOKEN_EXPIRED:
                 logger.info("%s: the auth token expired; logging in again", self.name)
                 await self._authenticate()
+                continue
+            if ended_by is _REBUILT:
+                self._kv = None  # _rebuilt() logged it
                 continue
             if ended_by is not _COMPACTED:
                 raise self._error("the watch stream ended")
@@ -240,25 +305,37 @@ class EtcdSource:
         }
         timeout = httpx.Timeout(10.0, read=self._silence_timeout)
         pending = False
-        read: asyncio.Future[str | None] | None = None
+        read: asyncio.Future[bytes | None] | None = None
         try:
-            async with self._client.stream(
-                "POST", self._base + "/v3/watch", json=request, headers=self._headers(), timeout=timeout
-            ) as resp:
+            async with contextlib.AsyncExitStack() as stack:
+                # The deadline covers opening the stream, up to its response headers; the stream itself
+                # may then stay open as long as it keeps talking (silence_timeout, and the probe).
+                try:
+                    async with asyncio.timeout(self._request_timeout):
+                        resp = await stack.enter_async_context(
+                            self._client.stream(
+                                "POST", self._base + "/v3/watch", json=request, headers=self._headers(), timeout=timeout
+                            )
+                        )
+                        if resp.status_code != 200:
+                            await resp.aread()
+                except TimeoutError as exc:
+                    raise self._error(f"opening the watch took longer than {self._request_timeout:g}s") from exc
                 if resp.status_code != 200:
-                    await resp.aread()
-                    answer = self._decode(resp.content)
+                    answer = self._decode_error(resp.content)
                     if self._rejected_token(resp.status_code, answer):
                         self._token = None  # authenticate again on the next try
                     raise self._error(f"watch refused: HTTP {resp.status_code}: {answer.get('message', '')}")
-                lines = resp.aiter_lines()
+                lines = self._lines(resp)
                 while True:
                     if read is None:
                         read = asyncio.ensure_future(anext(lines, None))
                     done, _ = await asyncio.wait({read}, timeout=self._interval)
                     if not done:
                         # A quiet stream: ask the store directly, so a dead one is noticed and health is honest.
-                        await self._probe()
+                        if await self._probe():
+                            yield _REBUILT
+                            return
                         yield False
                         continue
                     line, read = read.result(), None
@@ -266,7 +343,7 @@ class EtcdSource:
                         return
                     if not line.strip():
                         continue
-                    answer = self._decode(line.encode())
+                    answer = self._decode(line)
                     if "error" in answer:
                         error = answer["error"]
                         message = error.get("message", error) if isinstance(error, dict) else error
@@ -276,6 +353,9 @@ class EtcdSource:
                     result = answer.get("result")
                     if not isinstance(result, dict):
                         raise self._malformed("watch response without a result")
+                    if self._rebuilt(result):
+                        yield _REBUILT
+                        return
                     if result.get("canceled"):
                         reason = str(result.get("cancel_reason", "no reason given"))
                         if self._int(result, "compact_revision"):
@@ -304,10 +384,23 @@ class EtcdSource:
             if read is not None and not read.done():
                 read.cancel()
 
-    async def _probe(self) -> None:
-        """A cheap round trip: count the keys under the prefix."""
+    async def _lines(self, resp: httpx.Response) -> AsyncIterator[bytes]:
+        """The stream's lines, refusing one that grows past any answer the prefix could need."""
+        buffer = bytearray()
+        async for chunk in resp.aiter_bytes():
+            buffer += chunk
+            while (end := buffer.find(b"\n")) >= 0:
+                yield bytes(buffer[:end])
+                del buffer[: end + 1]
+            if len(buffer) > self._max_line:
+                raise self._malformed(f"a watch response passes {self._max_line} bytes")
+        if buffer:
+            yield bytes(buffer)
+
+    async def _probe(self) -> bool:
+        """A cheap round trip: count the keys under the prefix. True if the store was rebuilt meanwhile."""
         body = {"key": _b64(self._prefix), "range_end": _b64(prefix_end(self._prefix)), "count_only": True}
-        await self._post("/v3/kv/range", body)
+        return self._rebuilt(await self._post("/v3/kv/range", body))
 
     def _apply(self, events: list[Any]) -> None:
         assert self._kv is not None
@@ -335,3 +428,4 @@ class EtcdSource:
 
 _COMPACTED = object()
 _TOKEN_EXPIRED = object()
+_REBUILT = object()

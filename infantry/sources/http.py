@@ -1,4 +1,10 @@
-"""``http://`` and ``https://`` sources: one document (or archive), polled with conditional GET."""
+"""``http://`` and ``https://`` sources: one document (or archive), polled with conditional GET.
+
+Each poll has one deadline for the whole request, body included (``request_timeout``), so a server that
+drip-feeds its answer costs one deadline, not a hang. Redirects are followed by hand, at most
+``MAX_REDIRECTS`` hops, and the source's credentials (custom headers, bearer token, basic auth) go only
+to the origin (scheme, host, port) of the source's own URL.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,12 @@ from infantry.snapshot import Limits, Snapshot, SnapshotBuilder, printable
 from infantry.sources import redact_url
 
 JITTER = 0.1
+MAX_REDIRECTS = 5
+# The longest a server's Retry-After may hold polling off, whatever it asks: a proxy answering
+# "Retry-After: 86400" once must not stop a sidecar for a day.
+RETRY_AFTER_CAP = 300.0
+RETRY_AFTER_INTERVALS = 10
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 # Answers that will not improve by asking again soon; anything else (5xx, 429, 408) is temporary.
 _PERMANENT = frozenset({400, 401, 403, 404, 405, 406, 410, 414, 451})
 
@@ -35,18 +47,22 @@ def build_client(spec: SourceSpec, timeout: float = 10.0) -> httpx.AsyncClient:
     return httpx.AsyncClient(verify=context, timeout=timeout, follow_redirects=True, trust_env=False)
 
 
-def retry_after_seconds(value: str | None, now: float) -> float | None:
-    """Parse a ``Retry-After`` header: seconds, or an HTTP date."""
+def retry_after_seconds(value: str | None, now: float, cap: float = RETRY_AFTER_CAP) -> float | None:
+    """Parse a ``Retry-After`` header (seconds, or an HTTP date), never more than ``cap`` seconds."""
     if not value:
         return None
     value = value.strip()
     if value.isdigit():
-        return float(value)
+        return min(float(value), cap)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - now)
+    return min(max(0.0, when.timestamp() - now), cap)
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
 
 
 def _read_secret(path: Path, what: str) -> str:
@@ -84,9 +100,10 @@ class HttpSource:
         self._last_modified: str | None = None
         self._last: Snapshot | None = None
 
-    def _headers(self) -> dict[str, str]:
-        headers = dict(self._spec.headers)
-        if self._spec.bearer_token_file is not None:
+    def _headers(self, trusted: bool) -> dict[str, str]:
+        """The request headers; the source's own headers and token only for its own origin (``trusted``)."""
+        headers = dict(self._spec.headers) if trusted else {}
+        if trusted and self._spec.bearer_token_file is not None:
             # Read on every request, so a rotated token is picked up without a restart.
             headers["Authorization"] = "Bearer " + _read_secret(self._spec.bearer_token_file, "bearer-token-file")
         if self._last is not None:
@@ -105,15 +122,17 @@ class HttpSource:
     async def poll(self) -> Snapshot | None:
         """One conditional GET: a new Snapshot, or None when the document has not changed."""
         try:
-            async with self._client.stream("GET", self._spec.url, headers=self._headers(), auth=self._auth()) as resp:
-                if resp.status_code == 304 and self._last is not None:
-                    return None
-                if resp.status_code != 200:
-                    raise self._status_error(resp)
-                body = await self._read_capped(resp)
-                etag, last_modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
+            async with asyncio.timeout(self._request_timeout):
+                answer = await self._get()
+        except TimeoutError as exc:
+            raise SourceError(
+                self.name, f"no complete answer within the request timeout of {self._request_timeout:g}s"
+            ) from exc
         except (httpx.HTTPError, ssl.SSLError) as exc:
             raise SourceError(self.name, f"request failed: {type(exc).__name__}: {exc}") from exc
+        if answer is None:
+            return None
+        body, etag, last_modified = answer
         snapshot = self._parse(body)
         # Remember validators only for content that parsed, so bad content is fetched again, not skipped.
         self._etag, self._last_modified = etag, last_modified
@@ -122,10 +141,35 @@ class HttpSource:
         self._last = snapshot
         return snapshot
 
+    async def _get(self) -> tuple[bytes, str | None, str | None] | None:
+        """GET the document, following redirects: (body, ETag, Last-Modified), or None if not modified."""
+        url = httpx.URL(self._spec.url)
+        origin = _origin(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            trusted = _origin(url) == origin
+            auth = self._auth() if trusted else None
+            request = self._client.stream("GET", url, headers=self._headers(trusted), auth=auth, follow_redirects=False)
+            async with request as resp:
+                if resp.is_redirect:
+                    try:
+                        url = resp.url.join(resp.headers["Location"])
+                    except httpx.InvalidURL as exc:
+                        raise SourceError(self.name, f"redirected to an invalid URL: {exc}", temporary=False) from exc
+                    continue
+                if resp.status_code == 304 and self._last is not None:
+                    return None
+                if resp.status_code != 200:
+                    raise self._status_error(resp)
+                body = await self._read_capped(resp)
+                return body, resp.headers.get("ETag"), resp.headers.get("Last-Modified")
+        raise SourceError(self.name, f"more than {MAX_REDIRECTS} redirects", temporary=False)
+
     def _status_error(self, resp: httpx.Response) -> SourceError:
         status = resp.status_code
+        # The watch loop waits at least the hint; never let one answer stall polling for long.
+        cap = min(RETRY_AFTER_INTERVALS * self._interval, RETRY_AFTER_CAP)
         retry_after = (
-            retry_after_seconds(resp.headers.get("Retry-After"), time.time()) if status in (429, 503) else None
+            retry_after_seconds(resp.headers.get("Retry-After"), time.time(), cap) if status in (429, 503) else None
         )
         return SourceError(
             self.name,
