@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from infantry.agent import make_gate
 from infantry.errors import CheckFailed, NotifyError
 from infantry.notify import ExecNotifier
-from infantry.process import run_command
-from infantry.publish import KubeletPublisher
+from infantry.process import KILL_GRACE_SECONDS, CommandResult, run_command, start_reaper
+from infantry.publish import KubeletPublisher, make_gate
 from infantry.snapshot import FileEntry, Snapshot
-from tests.support import infantry, wait_until
+from tests.support import HELPERS, infantry, installed_store, wait_until
 
 LEAK_PUBLISHES = int(os.environ.get("INFANTRY_LEAK_PUBLISHES", "300"))
 
@@ -137,3 +141,186 @@ def test_many_publishes_leak_no_descriptors_threads_or_memory(tmp_path: Path) ->
     assert rss_after - rss_before < 8 * 1024, f"RSS grew by {rss_after - rss_before} KiB"
     assert my_zombies() == []
     assert len([n for n in os.listdir(tmp_path / "configs") if n.startswith("..2")]) == 2
+
+
+# -- bounded whatever the command does ---------------------------------------------------------------
+
+
+def _marker() -> str:
+    """Digits unique to this test run: also a valid fraction for sleep, so `sleep 300.<marker>` works."""
+    return f"{os.getpid()}{time.monotonic_ns() % 100000:05d}"
+
+
+def _kill_all(marker: str) -> None:
+    for pid in processes_with(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_until("the leftovers to be gone", lambda: processes_with(marker) == [], timeout=5)
+
+
+def _run_bounded(argv: list[str], timeout: float, bound: float) -> tuple[CommandResult, float]:
+    """run_command in a thread, failing the test (instead of hanging it) if it is not back within ``bound``."""
+    outcome: list[CommandResult] = []
+    started = time.monotonic()
+    worker = threading.Thread(target=lambda: outcome.append(run_command(argv, timeout, dict(os.environ))), daemon=True)
+    worker.start()
+    worker.join(bound)
+    elapsed = time.monotonic() - started
+    assert outcome, f"run_command({argv!r}, timeout={timeout}) was not back after {elapsed:.1f}s"
+    return outcome[0], elapsed
+
+
+def test_a_setsid_grandchild_holding_stderr_does_not_stretch_the_timeout() -> None:
+    marker = _marker()
+    # The leader ignores SIGTERM (so the whole grace period is used); the grandchild left its group
+    # with setsid, survives the group kill and holds stderr open for five minutes.
+    script = f"trap '' TERM; setsid sleep 300.{marker} & sleep 100.{marker}; sleep 101.{marker}"
+    try:
+        result, elapsed = _run_bounded(["sh", "-c", script], 0.5, 0.5 + KILL_GRACE_SECONDS + 5)
+        assert result.timed_out and not result.ok
+        assert elapsed < 0.5 + KILL_GRACE_SECONDS + 1, elapsed
+        assert result.returncode == -signal.SIGKILL  # the leader's own end
+        group_gone = lambda: processes_with(f"100.{marker}") == processes_with(f"101.{marker}") == []  # noqa: E731
+        wait_until("the command's group to be gone", group_gone, timeout=5)
+        assert len(processes_with(f"300.{marker}")) == 1  # the grandchild is out of reach, as setsid meant
+    finally:
+        _kill_all(marker)
+    assert my_zombies() == []
+
+
+def test_a_successful_hook_with_a_background_child_holding_stderr_returns_at_once() -> None:
+    marker = _marker()
+    script = f"sleep 300.{marker} & echo 'reloaded fine' >&2; exit 0"
+    try:
+        result, elapsed = _run_bounded(["sh", "-c", script], 10, 15)
+        assert result.ok and result.returncode == 0 and not result.timed_out
+        assert elapsed < 2, elapsed
+        assert result.stderr_tail == "reloaded fine"
+        assert len(processes_with(marker)) == 1  # a daemon the hook started is left running
+    finally:
+        _kill_all(marker)
+    assert my_zombies() == []
+
+
+def test_a_failing_hook_reports_its_own_exit_while_its_background_child_writes_on() -> None:
+    marker = _marker()
+    script = f"(while :; do echo noise; sleep 0.01; done; sleep 300.{marker}) >&2 & echo 'bad config' >&2; exit 3"
+    try:
+        result, elapsed = _run_bounded(["sh", "-c", script], 10, 15)
+        assert result.returncode == 3 and not result.ok and not result.timed_out
+        assert elapsed < 2, elapsed
+    finally:
+        # The background loop is a subshell of the group; its argv is sh's. Kill the group by its leader.
+        for pid in processes_with(script):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+        wait_until("the background loop to be gone", lambda: processes_with(script) == [], timeout=5)
+    assert my_zombies() == []
+
+
+MEMORY_PROBE = """
+import os, resource, sys
+from infantry.process import KILL_GRACE_SECONDS, CommandResult, run_command, start_reaper
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = run_command(["sh", "-c", sys.argv[1]], 120, dict(os.environ))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(result.returncode, after - before, result.stderr_tail, sep="|")
+"""
+
+
+def test_300_mb_on_stderr_keeps_memory_bounded() -> None:
+    script = "head -c 300000000 /dev/zero >&2; printf '\\nlast words\\n' >&2; exit 3"
+    probe = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, script], capture_output=True, text=True, timeout=120, check=True
+    )
+    returncode, grown_kib, tail = probe.stdout.strip().split("|")
+    assert returncode == "3"
+    assert tail == "last words"
+    assert int(grown_kib) < 16 * 1024, f"peak RSS grew by {grown_kib} KiB reading 300 MB of stderr"
+
+
+# -- the reaper, when infantry is PID 1 --------------------------------------------------------------
+
+
+def test_the_reaper_does_nothing_unless_infantry_is_pid_1() -> None:
+    async def start() -> bool:
+        return start_reaper(asyncio.get_running_loop())
+
+    assert os.getpid() != 1
+    assert asyncio.run(start()) is False
+
+
+def _in_new_pid_namespace(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_as_pid_1_orphans_are_reaped_and_commands_keep_their_exit_status() -> None:
+    """Under a new PID namespace, with orphans dying all the time, no failing command reads as a success."""
+    run = _in_new_pid_namespace([sys.executable, str(HELPERS / "hang_reaper.py"), "40"], timeout=90)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["pid"] == 1 and report["reaper"] is True
+    assert report["orphans_started"] == 40
+    assert report["wrong_results"] == []
+    assert report["zombies"] == []
+    assert report["zombies_without_reaper"] > 0  # the harness sees zombies when nobody reaps them
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _children_of(pid: int) -> list[tuple[int, str, str]]:
+    """(pid, state, comm) of each child of ``pid``, as seen from this (outer) PID namespace."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            head, tail = (entry / "stat").read_text().rsplit(")", 1)
+        except (OSError, ValueError):
+            continue
+        fields = tail.split()
+        if int(fields[1]) == pid:
+            found.append((int(entry.name), fields[0], head.split("(", 1)[1]))
+    return found
+
+
+def test_watch_as_pid_1_leaves_no_zombies_after_reloads(tmp_path: Path) -> None:
+    """`infantry watch` run as a container's PID 1, with an --exec hook that leaves a background child."""
+    store, dest = installed_store(tmp_path, {"app.yaml": "v: 0\n"})
+    reloads = tmp_path / "reloads"
+    hook = f"sh -c 'echo reload >> {reloads}; sleep 0.2 &'"
+    log = (tmp_path / "watch.log").open("w")
+    outer = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+         sys.executable, "-m", "infantry", "watch", "--source", store.as_uri(), "--dest", str(dest), "--exec", hook],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_until("infantry to start as PID 1", lambda: len(_children_of(outer.pid)) == 1, timeout=10)
+        pid1 = _children_of(outer.pid)[0][0]
+        for n in range(1, 6):
+            (store / "app.yaml").write_text(f"v: {n}\n")
+            wait_until(f"reload {n}", lambda: _lines(reloads) >= n, 15)  # noqa: B023 (used at once)
+        wait_until(
+            "the hooks' background children to end",
+            lambda: not [c for c in _children_of(pid1) if c[2] == "sleep" and c[1] != "Z"],
+            timeout=10,
+        )
+        wait_until("no zombie children of infantry", lambda: not [c for c in _children_of(pid1) if c[1] == "Z"], 5)
+    finally:
+        # unshare does not pass signals on: SIGTERM goes to infantry itself, by its PID out here.
+        for pid, _, _ in _children_of(outer.pid):
+            os.kill(pid, signal.SIGTERM)
+        try:
+            outer.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            outer.kill()
+            outer.wait()
+        log.close()
