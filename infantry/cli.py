@@ -40,6 +40,7 @@ COMMON = (
     "max_files",
     "check",
     "check_timeout",
+    "publish_timeout",
     "request_timeout",
     "interval",
     "header",
@@ -174,10 +175,9 @@ def install(**given: Any) -> None:
     """Fetch the configuration once into --dest, then exit (an initContainer)."""
 
     async def job(settings: Settings) -> int:
-        from infantry.agent import build_agent
+        from infantry.install import run_install
 
-        agent = build_agent(settings, child_environment(), with_notifiers=False)
-        await agent.install()
+        await run_install(settings, child_environment())
         return 0
 
     _run(given, job)
@@ -189,10 +189,10 @@ def watch(**given: Any) -> None:
     """Keep --dest in step with the sources and tell the app to reload (a sidecar)."""
 
     async def job(settings: Settings) -> int:
-        from infantry.agent import build_agent
         from infantry.health import HealthServer
+        from infantry.watch import build_watcher
 
-        agent = build_agent(settings, child_environment(), with_notifiers=True)
+        watcher = build_watcher(settings, child_environment())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -201,16 +201,11 @@ def watch(**given: Any) -> None:
         if settings.listen:
             host, _, port = settings.listen.rpartition(":")
             try:
-                server = HealthServer(host or "0.0.0.0", int(port), agent.health, agent.metrics, agent.source_names)
+                server = HealthServer(host or "0.0.0.0", int(port), watcher.report, watcher.metrics)
             except OSError as exc:
                 raise SettingsError(f"listen: cannot listen on {settings.listen}: {exc.strerror}") from exc
-            server.start()
-            logger.info("serving /healthz, /readyz and /metrics on %s", settings.listen)
-        try:
-            await agent.watch(stop)
-        finally:
-            if server is not None:
-                server.stop()
+            logger.info("serving /healthz, /readyz, /status and /metrics on %s", settings.listen)
+        await watcher.run(stop, server)
         logger.info("stopped")
         return 0
 

@@ -1,15 +1,31 @@
-"""Health, readiness and Prometheus metrics for ``watch --listen``."""
+"""Health, readiness, status and Prometheus metrics for ``watch --listen``.
+
+The server is a small asyncio HTTP/1.0 responder that runs in ``watch``'s task group: each request
+must arrive whole within a few seconds and under a size cap, and only so many connections are served at
+once, so slow or idle clients cannot pile up threads or memory.
+"""
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import contextlib
+import json
+import logging
+import socket
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+logger = logging.getLogger(__name__)
+
 Clock = Callable[[], float]
+
+REQUEST_TIMEOUT_SECONDS = 5.0
+MAX_REQUEST_BYTES = 8192
+MAX_CONNECTIONS = 32
 
 
 class Metrics:
@@ -56,9 +72,20 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self.in_sync = Gauge(
+            "infantry_in_sync",
+            "1 while the destination holds the store's current content and the app was told of it.",
+            registry=self.registry,
+        )
+        self.healthy = Gauge("infantry_healthy", "1 while /healthz answers 200.", registry=self.registry)
+        self.repairs = Counter(
+            "infantry_repairs",
+            "Publishes that restored a destination changed behind infantry's back.",
+            registry=self.registry,
+        )
         for result in ("changed", "unchanged", "error", "unsafe"):
             self.syncs.labels(result)
-        for result in ("published", "rejected", "error"):
+        for result in ("published", "rejected", "error", "timeout"):
             self.publishes.labels(result)
 
     def set_version(self, version: str, files: int) -> None:
@@ -68,82 +95,84 @@ class Metrics:
         self.files.set(files)
 
 
-class Health:
-    """What ``/healthz`` and ``/readyz`` answer, fed by the agent's loops."""
+@dataclass(frozen=True)
+class Report:
+    """What the health endpoints answer, computed by ``watch`` when asked."""
 
-    def __init__(self, sources: int, stale_after: float, clock: Clock = time.monotonic) -> None:
-        self._clock = clock
-        self._stale_after = stale_after
-        started = clock()
-        self._last_ok = [started] * sources
-        self._ready = threading.Event()
-
-    def round_trip(self, index: int) -> None:
-        """Source ``index`` just answered successfully."""
-        self._last_ok[index] = self._clock()
-
-    def mark_ready(self) -> None:
-        """The destination holds the store's content."""
-        self._ready.set()
-
-    @property
-    def ready(self) -> bool:
-        """True once the first snapshot is in place."""
-        return self._ready.is_set()
-
-    def stale_sources(self) -> list[int]:
-        """Indexes of sources with no good round trip for longer than allowed."""
-        now = self._clock()
-        return [i for i, last in enumerate(self._last_ok) if now - last > self._stale_after]
+    healthy: bool
+    ready: bool
+    problems: list[str] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+    not_ready: str | None = None
 
 
 class HealthServer:
-    """A small threaded HTTP server for ``/healthz``, ``/readyz`` and ``/metrics``."""
+    """``/healthz``, ``/readyz``, ``/status`` and ``/metrics`` over plain HTTP, in the event loop."""
 
-    def __init__(self, host: str, port: int, health: Health, metrics: Metrics, names: list[str]) -> None:
-        handler = _handler_class(health, metrics, names)
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="infantry-health", daemon=True)
+    def __init__(self, host: str, port: int, report: Callable[[], Report], metrics: Metrics) -> None:
+        # Bound now, so a port in use is a settings error at start-up, not a dead task later.
+        self._socket = socket.create_server((host, port), reuse_port=False)
+        self._report = report
+        self._metrics = metrics
+        self._active = 0
 
-    def start(self) -> None:
-        """Serve in a background thread."""
-        self._thread.start()
+    async def serve(self) -> None:
+        """Serve until cancelled, then close the socket."""
+        server = await asyncio.start_server(self._handle, sock=self._socket, limit=MAX_REQUEST_BYTES)
+        async with server:
+            await server.serve_forever()
 
-    def stop(self) -> None:
-        """Stop serving and close the socket."""
-        self._server.shutdown()
-        self._server.server_close()
+    def close(self) -> None:
+        """Close the listening socket (when serve() never ran)."""
+        self._socket.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._active >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._active += 1
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_SECONDS):
+                head = await reader.readuntil(b"\r\n\r\n")
+                status, body, content_type = self._answer(head.split(b"\r\n", 1)[0])
+                writer.write(
+                    b"HTTP/1.0 %d %s\r\nServer: infantry\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                    b"Connection: close\r\n\r\n" % (status, _REASONS[status], content_type.encode(), len(body)) + body
+                )
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # a slow, oversize or vanished client gets nothing more
+        finally:
+            self._active -= 1
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1)
+
+    def _answer(self, request_line: bytes) -> tuple[int, bytes, str]:
+        parts = request_line.split()
+        if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
+            return 400, b"bad request\n", _TEXT
+        path = parts[1].split(b"?", 1)[0]
+        if path == b"/metrics":
+            return 200, generate_latest(self._metrics.registry), CONTENT_TYPE_LATEST
+        if path not in (b"/healthz", b"/readyz", b"/status"):
+            return 404, b"not found\n", _TEXT
+        report = self._report()
+        if path == b"/status":
+            return 200, json.dumps(report.status, indent=2, sort_keys=True).encode() + b"\n", "application/json"
+        if path == b"/healthz":
+            if report.healthy:
+                return 200, b"ok\n", _TEXT
+            return 503, ("".join(f"{p}\n" for p in report.problems)).encode(), _TEXT
+        if report.ready:
+            return 200, b"ready\n", _TEXT
+        return 503, f"not ready: {report.not_ready or 'starting'}\n".encode(), _TEXT
 
 
-def _handler_class(health: Health, metrics: Metrics, names: list[str]) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "infantry"
+_TEXT = "text/plain; charset=utf-8"
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 503: b"Service Unavailable"}
 
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/healthz":
-                stale = health.stale_sources()
-                if stale:
-                    body = "stale: " + ", ".join(names[i] for i in stale) + "\n"
-                    self._reply(503, body.encode())
-                else:
-                    self._reply(200, b"ok\n")
-            elif path == "/readyz":
-                self._reply(200, b"ready\n") if health.ready else self._reply(503, b"not ready\n")
-            elif path == "/metrics":
-                self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
-            else:
-                self._reply(404, b"not found\n")
 
-        def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's name)
-            pass  # probes every few seconds would drown the log
-
-    return Handler
+def now_wall() -> float:
+    """The wall clock, for timestamps shown to people."""
+    return time.time()

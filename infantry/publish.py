@@ -23,15 +23,17 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal, Protocol
 
-from infantry.errors import PublishError
-from infantry.snapshot import FileEntry, Snapshot, check_path
+from infantry.errors import CheckFailed, PublishError, SettingsError
+from infantry.process import run_command
+from infantry.snapshot import FileEntry, Snapshot, check_path, printable
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,113 @@ FALLBACK = "..fallback"
 Gate = Callable[[Path], None]
 """A check run on the staged directory before it goes live; it raises CheckFailed to refuse it."""
 
+# A file modified this close to the moment it was recorded can be rewritten within the same tick of the
+# kernel's coarse clock without its stat changing; its content is compared until it is older than this.
+RACY_NS = 2_000_000_000
+
+Signature = tuple[int, int, int, int]
+"""What a stat says of a file that a rewrite would change: inode, size, mtime, mode."""
+
+
+def make_gate(command: str, timeout: float, environ: Mapping[str, str]) -> Gate:
+    """The ``--check`` gate: run the command with the staged directory appended; non-zero refuses it."""
+    argv = shlex.split(command)
+    if not argv:
+        raise SettingsError("check: the command is empty")
+
+    def gate(staged: Path) -> None:
+        env = {**environ, "INFANTRY_STAGED": str(staged)}
+        result = run_command([*argv, str(staged)], timeout, env)
+        if not result.ok:
+            raise CheckFailed(f"check command {argv[0]!r} {result.describe()}")
+
+    return gate
+
+
+class Ledger:
+    """What infantry last saw of each published file, so a check re-reads only what changed on disk.
+
+    A file whose stat is unchanged since it was recorded (and was not "racy" then, see RACY_NS) still
+    holds what was written; any other file is read and compared byte for byte. Not thread-safe: it
+    belongs to one publisher, whose methods are not safe to call concurrently.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[Signature, bool]] = {}
+
+    def record(self, rel: str, st: os.stat_result) -> None:
+        """Remember ``rel`` as verified, with the stat taken when it was written or compared."""
+        racy = st.st_mtime_ns >= time.time_ns() - RACY_NS
+        self._seen[rel] = ((st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode), racy)
+
+    def unchanged(self, rel: str, st: os.stat_result) -> bool:
+        """True when ``st`` is the stat recorded for ``rel``, racy or not."""
+        seen = self._seen.get(rel)
+        return seen is not None and seen[0] == (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+
+    def trusted(self, rel: str, st: os.stat_result) -> bool:
+        """True when ``st`` shows ``rel`` untouched since it was recorded, and the record is not racy."""
+        seen = self._seen.get(rel)
+        return seen is not None and not seen[1] and seen[0] == (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+
+
+def _read_nofollow(path: Path, limit: int = -1) -> tuple[bytes, os.stat_result]:
+    """Up to ``limit`` bytes of a regular file, and its stat; never follows a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    with open(fd, "rb", closefd=True) as handle:
+        st = os.fstat(handle.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
+        return handle.read(limit), st
+
+
+def _still_holds(ledger: Ledger, rel: str, path: Path, entry: FileEntry) -> bool:
+    """True when ``path`` still holds ``entry``: its stat is as recorded, and a file recorded too
+    recently to trust its stat is compared byte for byte."""
+    st = path.lstat()
+    if ledger.trusted(rel, st):
+        return True
+    if not ledger.unchanged(rel, st):
+        return False
+    data, _ = _read_nofollow(path, len(entry.data) + 1)
+    return data == entry.data
+
+
+def _check_files(root: Path, snapshot: Snapshot, ledger: Ledger, file_mode: int) -> str | None:
+    """Why the files under ``root`` differ from ``snapshot`` (content, type or mode), or None."""
+    for rel, entry in snapshot.files.items():
+        path = root / rel
+        try:
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                return f"{printable(rel)} is no longer a regular file"
+            if stat.S_IMODE(st.st_mode) != _mode(entry, file_mode):
+                return f"the mode of {printable(rel)} was changed"
+            if ledger.trusted(rel, st):
+                continue
+            if st.st_size != len(entry.data):
+                return f"{printable(rel)} was changed"
+            data, st = _read_nofollow(path, len(entry.data) + 1)
+        except OSError as exc:
+            return f"{printable(rel)} cannot be read: {exc.strerror}"
+        if data != entry.data:
+            return f"{printable(rel)} was changed"
+        ledger.record(rel, st)
+    return None
+
+
+def _expected_dirs(snapshot: Snapshot) -> dict[str, set[str]]:
+    """Each directory of the set (``""`` is the top), with the names it holds."""
+    children: dict[str, set[str]] = {"": set()}
+    for path in snapshot.files:
+        parent = ""
+        for part in path.split("/"):
+            children.setdefault(parent, set()).add(part)
+            parent = f"{parent}/{part}" if parent else part
+    for path in snapshot.files:
+        children.pop(path, None)
+    return children
+
 
 class Publisher(Protocol):
     """Puts Snapshots into the destination."""
@@ -56,8 +165,15 @@ class Publisher(Protocol):
     def current(self) -> Snapshot | None:
         """The snapshot the destination holds now, or None when it holds no complete set."""
 
+    def verify(self, snapshot: Snapshot) -> str | None:
+        """None when the destination holds ``snapshot`` intact; otherwise what differs, read from disk."""
+
     def publish(self, snapshot: Snapshot, gate: Gate | None = None) -> bool:
-        """Make ``snapshot`` live. Returns False, writing nothing, when it is already live."""
+        """Make ``snapshot`` live. Returns False, writing nothing, when it is already live and intact."""
+
+    @property
+    def previous_version(self) -> str | None:
+        """The version kept for rollback, if any."""
 
     def tidy(self) -> None:
         """Remove what the last publish left behind (old snapshots); it is off the hot path."""
@@ -79,30 +195,39 @@ def _mode(entry: FileEntry, file_mode: int) -> int:
     return file_mode
 
 
-def _write_new(path: Path, entry: FileEntry, file_mode: int) -> None:
+def _write_new(path: Path, entry: FileEntry, file_mode: int) -> os.stat_result:
     """Create ``path``, which must not exist, with the entry's content; never follows a link."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(path, flags, 0o600)
     with open(fd, "wb", closefd=True) as handle:
         handle.write(entry.data)
+        handle.flush()
         os.fchmod(handle.fileno(), _mode(entry, file_mode))
+        return os.fstat(handle.fileno())
 
 
-def _read_tree(root: Path, file_mode: int) -> Snapshot | None:
-    """Read a published tree back into a Snapshot, or None if it does not look like one we wrote."""
+def _read_tree(root: Path, file_mode: int, ledger: Ledger) -> Snapshot | None:
+    """Read a published tree back into a Snapshot, recording each file in ``ledger``.
+
+    None if it does not look like one we wrote (a link, a device, a mode we would not set, a bad name).
+    """
     files: dict[str, FileEntry] = {}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         base = Path(dirpath)
         for name in filenames + [d for d in dirnames if (base / d).is_symlink()]:
             path = base / name
             rel = path.relative_to(root).as_posix()
-            st = path.lstat()
-            if not stat.S_ISREG(st.st_mode) or check_path(rel) is not None:
+            if check_path(rel) is not None:
                 return None
-            entry = FileEntry(path.read_bytes(), executable=bool(st.st_mode & 0o100))
+            try:
+                data, st = _read_nofollow(path)
+            except OSError:
+                return None
+            entry = FileEntry(data, executable=bool(st.st_mode & 0o100))
             if stat.S_IMODE(st.st_mode) != _mode(entry, file_mode):
                 return None
             files[rel] = entry
+            ledger.record(rel, st)
     return Snapshot.of(files) if files else None
 
 
@@ -166,13 +291,19 @@ def _remove(path: Path) -> None:
 
 
 class KubeletPublisher:
-    """The ``..data`` symlink-swap layout of the kubelet."""
+    """The ``..data`` symlink-swap layout of the kubelet.
+
+    Not safe to call concurrently: one publisher, one caller at a time (``watch`` runs its steps one
+    after another, in one worker thread at a time).
+    """
 
     def __init__(self, dest: Path, file_mode: int) -> None:
         self.dest = dest
         self._file_mode = file_mode
         self._current: Snapshot | None = None
         self._current_dir: str | None = None
+        self._ledger = Ledger()
+        self._dirs: dict[str, set[str]] = {}
         self._previous: Snapshot | None = None
         self._loaded = False
 
@@ -183,7 +314,7 @@ class KubeletPublisher:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            if exc.errno == errno.EINVAL:
+            if exc.errno in (errno.EINVAL, errno.ENOTDIR):
                 logger.warning("%s is not a link; it will be replaced", self.dest / link)
                 return None
             raise
@@ -193,7 +324,7 @@ class KubeletPublisher:
         logger.warning(
             "%s points at %r, outside the destination or not a snapshot; it will be replaced, not followed",
             self.dest / link,
-            target,
+            printable(target),
         )
         return None
 
@@ -202,14 +333,70 @@ class KubeletPublisher:
         if not self._loaded:
             self._current_dir = self._live_dir(DATA)
             if self._current_dir is not None:
-                self._current = _read_tree(self.dest / self._current_dir, self._file_mode)
+                self._adopt(
+                    self._current_dir,
+                    _read_tree(self.dest / self._current_dir, self._file_mode, ledger := Ledger()),
+                    ledger,
+                )
             self._loaded = True
         return self._current
 
-    def publish(self, snapshot: Snapshot, gate: Gate | None = None) -> bool:
-        """Stage ``snapshot`` in a new directory, run the gate, then swap ``..data`` to it."""
+    def _adopt(self, name: str | None, snapshot: Snapshot | None, ledger: Ledger) -> None:
+        self._current_dir, self._current, self._ledger = name, snapshot, ledger
+        self._dirs = _expected_dirs(snapshot) if snapshot is not None else {}
+
+    @property
+    def previous_version(self) -> str | None:
+        """The version kept in ``..previous`` for rollback, if any."""
+        return self._previous.version if self._previous is not None else None
+
+    def verify(self, snapshot: Snapshot) -> str | None:
+        """Check, from disk, that ``snapshot`` is what readers of the destination see.
+
+        (1) ``..data`` points at the snapshot directory infantry made live; (2) each top-level name is
+        the link into ``..data``; (3) each directory holds exactly the expected names; (4) each file
+        has its content and mode (only files whose stat changed since they were recorded are read).
+        """
         current = self.current()
-        if current is not None and current.version == snapshot.version:
+        if current is None:
+            return "the destination holds no complete set"
+        if current.version != snapshot.version:
+            return f"the destination holds {current.short_version}"
+        assert self._current_dir is not None
+        try:
+            if os.readlink(self.dest / DATA) != self._current_dir:
+                return f"{DATA} was changed"
+        except OSError:
+            return f"{DATA} is missing"
+        for top in snapshot.top_level():
+            try:
+                if os.readlink(self.dest / top) != f"{DATA}/{top}":
+                    return f"{printable(top)} was changed"
+            except OSError:
+                return f"{printable(top)} is missing or not a link"
+        live = self.dest / self._current_dir
+        for rel, names in self._dirs.items():
+            path = live / rel if rel else live
+            key = f"{DATA}/{rel}"  # directories share the ledger under a name no file can have
+            try:
+                st = path.lstat()
+                if not stat.S_ISDIR(st.st_mode):
+                    return f"directory {printable(rel or '.')} was replaced"
+                if self._ledger.trusted(key, st):
+                    continue
+                if set(os.listdir(path)) != names:
+                    return f"entries were added to or removed from {printable(rel or '.')}"
+            except OSError as exc:
+                return f"directory {printable(rel or '.')} cannot be read: {exc.strerror}"
+            self._ledger.record(key, st)
+        return _check_files(live, snapshot, self._ledger, self._file_mode)
+
+    def publish(self, snapshot: Snapshot, gate: Gate | None = None) -> bool:
+        """Stage ``snapshot`` in a new directory, run the gate, then swap ``..data`` to it.
+
+        Returns False, writing nothing, when the destination already holds it intact.
+        """
+        if self.verify(snapshot) is None:
             return False
         try:
             self.dest.mkdir(parents=True, exist_ok=True)
@@ -218,9 +405,11 @@ class KubeletPublisher:
         except OSError as exc:
             raise PublishError(f"cannot prepare {self.dest}: {exc}") from exc
         try:
-            self._fill(staged, snapshot)
+            ledger = self._fill(staged, snapshot)
             if gate is not None:
                 gate(staged)
+                if _check_files(staged, snapshot, ledger, self._file_mode) is not None:
+                    raise CheckFailed("the check command changed the staged set; a check may only read it")
             for top in sorted(snapshot.top_level()):
                 _replace_with_link(self.dest, top, f"{DATA}/{top}")
             _replace_with_link(self.dest, DATA, name)
@@ -230,11 +419,12 @@ class KubeletPublisher:
             if isinstance(exc, OSError):
                 raise PublishError(f"cannot publish into {self.dest}: {exc}") from exc
             raise
-        self._previous = self._current
-        previous, self._current, self._current_dir = self._current_dir, snapshot, name
+        previous, previous_dir = self._current, self._current_dir
+        self._adopt(name, snapshot, ledger)
+        self._previous = previous
         try:
-            if previous is not None:
-                _replace_with_link(self.dest, PREVIOUS, previous)
+            if previous_dir is not None and previous is not None:
+                _replace_with_link(self.dest, PREVIOUS, previous_dir)
             self._remove_stale_links(snapshot)
         except OSError as exc:
             # The new set is live; leftovers are removed by the next publish or start.
@@ -258,16 +448,16 @@ class KubeletPublisher:
             logger.warning("could not tidy %s: %s", self.dest, exc)
 
     def rollback(self) -> Snapshot | None:
-        """Swap ``..data`` back to the snapshot kept in ``..previous``."""
+        """Swap ``..data`` back to the snapshot kept in ``..previous``, if it is still intact."""
         self.current()
         previous_dir = self._live_dir(PREVIOUS)
         if previous_dir is None:
             return None
-        previous = self._previous
-        if previous is None:
-            previous = _read_tree(self.dest / previous_dir, self._file_mode)
-            if previous is None:
-                return None
+        ledger = Ledger()
+        previous = _read_tree(self.dest / previous_dir, self._file_mode, ledger)
+        if previous is None or (self._previous is not None and previous.version != self._previous.version):
+            logger.warning("the set kept in %s was changed on disk; not rolling back to it", self.dest / PREVIOUS)
+            return None
         try:
             for top in sorted(previous.top_level()):
                 _replace_with_link(self.dest, top, f"{DATA}/{top}")
@@ -275,7 +465,8 @@ class KubeletPublisher:
             os.unlink(self.dest / PREVIOUS)
         except OSError as exc:
             raise PublishError(f"cannot roll back {self.dest}: {exc}") from exc
-        self._current, self._current_dir, self._previous = previous, previous_dir, None
+        self._adopt(previous_dir, previous, ledger)
+        self._previous = None
         self.tidy()
         return previous
 
@@ -290,19 +481,22 @@ class KubeletPublisher:
             os.chmod(self.dest / name, DIR_MODE)
             return name, self.dest / name
 
-    def _fill(self, staged: Path, snapshot: Snapshot) -> None:
-        """Write the snapshot into ``staged``, hard-linking files that did not change.
+    def _fill(self, staged: Path, snapshot: Snapshot) -> Ledger:
+        """Write the snapshot into ``staged``, hard-linking files that did not change; return its ledger.
 
-        This is the hot path for large sets, so it works on strings relative to directory
-        descriptors rather than on Path objects.
+        A file is linked only from a live snapshot whose copy is provably untouched (its stat matches
+        the ledger), so an edit made behind infantry's back is never carried into a new snapshot.
+        This is the hot path for large sets, so it works on strings relative to directory descriptors.
         """
         old = self._current
         old_fd = None
+        old_dir = self.dest / (self._current_dir or "")
         if old is not None and self._current_dir is not None:
             with contextlib.suppress(OSError):
                 old_fd = os.open(self.dest / self._current_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         new_fd = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         made: set[str] = {""}
+        ledger = Ledger()
         try:
             for path, entry in snapshot.files.items():
                 parent = path.rpartition("/")[0]
@@ -310,15 +504,18 @@ class KubeletPublisher:
                     self._make_dirs(new_fd, parent, made)
                 if old_fd is not None and old is not None and old.files.get(path) == entry:
                     try:
-                        os.link(path, path, src_dir_fd=old_fd, dst_dir_fd=new_fd, follow_symlinks=False)
-                        continue
+                        if _still_holds(self._ledger, path, old_dir / path, entry):
+                            os.link(path, path, src_dir_fd=old_fd, dst_dir_fd=new_fd, follow_symlinks=False)
+                            ledger.record(path, os.stat(path, dir_fd=new_fd, follow_symlinks=False))
+                            continue
                     except OSError:
                         pass  # a hard link is only a saving; write a copy instead
-                _write_new(staged / path, entry, self._file_mode)
+                ledger.record(path, _write_new(staged / path, entry, self._file_mode))
         finally:
             os.close(new_fd)
             if old_fd is not None:
                 os.close(old_fd)
+        return ledger
 
     @staticmethod
     def _make_dirs(dir_fd: int, rel: str, made: set[str]) -> None:
@@ -354,13 +551,19 @@ class KubeletPublisher:
 
 
 class DirectPublisher:
-    """Plain files, each replaced by ``rename(2)``. Atomic per file, not per set."""
+    """Plain files, each replaced by ``rename(2)``. Atomic per file, not per set.
+
+    Not safe to call concurrently, like :class:`KubeletPublisher`.
+    """
 
     def __init__(self, dest: Path, file_mode: int) -> None:
         self.dest = dest
         self._file_mode = file_mode
         self._current: Snapshot | None = None
+        self._ledger = Ledger()
         self._loaded = False
+
+    previous_version = None
 
     def _manifest(self) -> list[str]:
         try:
@@ -377,21 +580,45 @@ class DirectPublisher:
             self._loaded = True
             files: dict[str, FileEntry] = {}
             for rel in self._manifest():
-                path = self.dest / rel
                 try:
-                    st = path.lstat()
-                    if not stat.S_ISREG(st.st_mode) or any(p.is_symlink() for p in self._parents(rel)):
+                    if self._linked_parent(rel) is not None:
                         return None
-                    files[rel] = FileEntry(path.read_bytes(), executable=bool(st.st_mode & 0o100))
+                    data, st = _read_nofollow(self.dest / rel)
                 except OSError:
                     return None
+                files[rel] = FileEntry(data, executable=bool(st.st_mode & 0o100))
+                self._ledger.record(rel, st)
             self._current = Snapshot.of(files) if files else None
         return self._current
+
+    def verify(self, snapshot: Snapshot) -> str | None:
+        """Check, from disk, that each file of ``snapshot`` is in place with its content and mode."""
+        current = self.current()
+        if current is None:
+            return "the destination holds no complete set"
+        if current.version != snapshot.version:
+            return f"the destination holds {current.short_version}"
+        for rel in snapshot.files:
+            linked = self._linked_parent(rel)
+            if linked is not None:
+                return f"{printable(linked)} is no longer a plain directory"
+        return _check_files(self.dest, snapshot, self._ledger, self._file_mode)
 
     def _parents(self, rel: str) -> Iterator[Path]:
         parts = rel.split("/")[:-1]
         for depth in range(1, len(parts) + 1):
             yield self.dest.joinpath(*parts[:depth])
+
+    def _linked_parent(self, rel: str) -> str | None:
+        """The first directory above ``rel`` that is a link or not a directory, if any."""
+        for directory in self._parents(rel):
+            try:
+                st = directory.lstat()
+            except FileNotFoundError:
+                return None
+            if not stat.S_ISDIR(st.st_mode):
+                return directory.relative_to(self.dest).as_posix()
+        return None
 
     def _safe_parent(self, rel: str) -> None:
         """Create the directories above ``rel`` inside the destination, refusing links on the way."""
@@ -405,10 +632,13 @@ class DirectPublisher:
                 raise PublishError(f"refusing to write through {directory}: it is not a plain directory")
 
     def publish(self, snapshot: Snapshot, gate: Gate | None = None) -> bool:
-        """Stage every file, run the gate, then rename each changed file into place."""
-        current = self.current()
-        if current is not None and current.version == snapshot.version:
+        """Stage every file, run the gate, then rename each changed file into place.
+
+        Returns False, writing nothing, when every file is already in place and intact.
+        """
+        if self.verify(snapshot) is None:
             return False
+        current = self._current
         old = current.files if current is not None else {}
         try:
             self.dest.mkdir(parents=True, exist_ok=True)
@@ -419,23 +649,34 @@ class DirectPublisher:
             staged.mkdir(DIR_MODE)
         except OSError as exc:
             raise PublishError(f"cannot prepare {self.dest}: {exc}") from exc
+        ledger = Ledger()
         try:
             for path, entry in snapshot.files.items():
                 (staged / path).parent.mkdir(DIR_MODE, parents=True, exist_ok=True)
-                _write_new(staged / path, entry, self._file_mode)
+                ledger.record(path, _write_new(staged / path, entry, self._file_mode))
             if gate is not None:
                 gate(staged)
+                if _check_files(staged, snapshot, ledger, self._file_mode) is not None:
+                    raise CheckFailed("the check command changed the staged set; a check may only read it")
             # Stale files go first, so a name that turns from a directory into a file (or back) is free.
             for path in sorted(set(old) - set(snapshot.files), reverse=True):
+                linked = self._linked_parent(path)
+                if linked is not None:
+                    # Never remove through a link: what it points at is outside the destination.
+                    logger.warning("not removing %s: %s is not a plain directory", printable(path), printable(linked))
+                    continue
                 _remove(self.dest / path)
                 self._prune(path)
             for path, entry in snapshot.files.items():
-                if old.get(path) == entry:
-                    continue
+                target = self.dest / path
+                with contextlib.suppress(OSError):
+                    if old.get(path) == entry and _still_holds(self._ledger, path, target, entry):
+                        ledger.record(path, target.lstat())
+                        continue
                 self._safe_parent(path)
-                if (self.dest / path).is_dir() and not (self.dest / path).is_symlink():
-                    raise PublishError(f"refusing to replace directory {self.dest / path} with a file")
-                os.rename(staged / path, self.dest / path)
+                if target.is_dir() and not target.is_symlink():
+                    raise PublishError(f"refusing to replace directory {target} with a file")
+                os.rename(staged / path, target)
             tmp_manifest = staged / MANIFEST
             tmp_manifest.write_text(json.dumps(sorted(snapshot.files)), encoding="utf-8")
             os.rename(tmp_manifest, self.dest / MANIFEST)
@@ -444,7 +685,7 @@ class DirectPublisher:
         finally:
             with contextlib.suppress(OSError):
                 shutil.rmtree(staged)
-        self._current = snapshot
+        self._current, self._ledger, self._loaded = snapshot, ledger, True
         return True
 
     def tidy(self) -> None:

@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     wait: Annotated[Wait, NoDecode] = Field(
         Wait(0.0, 0.0), description="Debounce `MIN[:MAX]` seconds before publishing a change."
     )
+    publish_timeout: float = Field(
+        60.0, gt=0, description="Seconds writing a set into the destination may take (the check has its own)."
+    )
     request_timeout: float = Field(
         30.0, gt=0, description="HTTP and etcd: seconds one whole request may take, body included."
     )
@@ -133,8 +136,8 @@ class Settings(BaseSettings):
     stale_after: float | None = Field(
         None,
         gt=0,
-        description="`/healthz` fails after this many seconds without a good round trip "
-        "(default: 3 intervals, at least 30).",
+        description="`/healthz` fails once a source has not answered, or the destination has not matched "
+        "the store, for this many seconds (default: 3 intervals, at least 30, and above the wait's MAX).",
     )
     signal: str = Field("HUP", description="Signal sent to the app on reload.")
     process: str | None = Field(None, description="Signal every process with this executable name or argv[0].")
@@ -274,6 +277,8 @@ class Settings(BaseSettings):
             raise ValueError("password-file needs username")
         if self.verify_url and self.verify_cmd:
             raise ValueError("verify-url and verify-cmd are alternatives; give one")
+        if self.stale_after is not None and self.stale_after <= self.wait.max:
+            raise ValueError("stale-after must be longer than the wait's MAX, or every debounced change looks stale")
         if (self.verify_url or self.verify_cmd) and self.layout != "kubelet":
             raise ValueError("verify-url and verify-cmd roll back by swapping ..data back, so they need layout kubelet")
         return self
@@ -290,8 +295,10 @@ class Settings(BaseSettings):
 
     @property
     def stale_seconds(self) -> float:
-        """How long without a good round trip before ``/healthz`` fails."""
-        return self.stale_after if self.stale_after is not None else max(3 * self.interval, 30.0)
+        """How long a source may go unanswered, or the destination lag the store, before ``/healthz`` fails."""
+        if self.stale_after is not None:
+            return self.stale_after
+        return max(3 * self.interval, 30.0, 2 * self.wait.max)
 
     def resolved_sources(self) -> list[SourceSpec]:
         """The sources, with the top-level auth and TLS options filled in where a source sets none."""

@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from infantry.settings import SourceSpec
+from infantry.errors import SettingsError
+from infantry.settings import Settings, SourceSpec
 from infantry.snapshot import Limits, Snapshot
 
 
@@ -62,3 +63,17 @@ def open_source(
 
         return EtcdSource(spec, limits, interval, silence_timeout, request_timeout=request_timeout)
     raise AssertionError(f"settings accepted an unknown scheme: {spec.scheme}")
+
+
+def open_sources(settings: Settings) -> list[tuple[SourceSpec, Source]]:
+    """Every configured source, opened; at least one is required."""
+    specs = settings.resolved_sources()
+    if not specs:
+        raise SettingsError("source: at least one source is required (--source or INFANTRY_SOURCE)")
+    return [
+        (
+            spec,
+            open_source(spec, settings.limits, settings.interval, settings.watch_timeout, settings.request_timeout),
+        )
+        for spec in specs
+    ]

@@ -1,0 +1,142 @@
+"""``infantry install``: fetch every source once, check, publish, and exit (an initContainer)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+
+from infantry.errors import CheckFailed, InfantryError, SettingsError, SourceError, SourceTimeout, UnsafeDataError
+from infantry.publish import Gate, Publisher, make_gate, make_publisher, mark_fallback
+from infantry.retry import Backoff
+from infantry.settings import Settings, SourceSpec
+from infantry.snapshot import Part, Snapshot, merge
+from infantry.sources import Source, open_sources
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BACKOFF = Backoff()
+
+InstallOutcome = Literal["published", "unchanged", "fallback", "kept"]
+
+
+async def run_install(
+    settings: Settings, environ: Mapping[str, str], backoff: Backoff = DEFAULT_BACKOFF
+) -> InstallOutcome:
+    """Wire the sources, publisher and gate from settings, and install once."""
+    sources = open_sources(settings)
+    publisher = make_publisher(settings.dest, settings.layout, settings.file_mode)
+    gate = make_gate(settings.check, settings.check_timeout, environ) if settings.check else None
+    return await install(settings, sources, publisher, gate, backoff)
+
+
+async def install(
+    settings: Settings,
+    sources: Sequence[tuple[SourceSpec, Source]],
+    publisher: Publisher,
+    gate: Gate | None,
+    backoff: Backoff = DEFAULT_BACKOFF,
+) -> InstallOutcome:
+    """Fetch every source within ``--timeout``, check, and publish once; the sources are closed after."""
+    async with contextlib.AsyncExitStack() as stack:
+        for _, source in sources:
+            stack.push_async_callback(source.aclose)
+        last_errors: dict[int, SourceError] = {}
+        try:
+            async with asyncio.timeout(settings.timeout):
+                async with asyncio.TaskGroup() as group:
+                    tasks = [
+                        group.create_task(_fetch(i, source, last_errors, backoff))
+                        for i, (_, source) in enumerate(sources)
+                    ]
+        except TimeoutError:
+            detail = "; ".join(str(e) for e in last_errors.values()) or "no answer"
+            error = SourceTimeout("install", f"sources unreachable after {settings.timeout:g}s: {detail}")
+            return await _fallback(settings, publisher, gate, error)
+        except ExceptionGroup as group_error:
+            first = _first_error(group_error)
+            if isinstance(first, SourceError):
+                return await _fallback(settings, publisher, gate, first)
+            raise first from None
+        snapshot = merge(
+            Part(spec.url, spec.dir, task.result()) for (spec, _), task in zip(sources, tasks, strict=True)
+        )
+        published = await asyncio.to_thread(publisher.publish, snapshot, gate)
+        await asyncio.to_thread(publisher.tidy)
+        if published:
+            logger.info("published %s (%d files) into %s", snapshot.short_version, len(snapshot.files), publisher.dest)
+            return "published"
+        logger.info("destination already holds %s; nothing written", snapshot.short_version)
+        return "unchanged"
+
+
+async def _fetch(index: int, source: Source, last_errors: dict[int, SourceError], backoff: Backoff) -> Snapshot:
+    def remember(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, SourceError):
+            last_errors[index] = exc
+            logger.warning("%s (attempt %d); retrying", exc, state.attempt_number)
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception(lambda exc: isinstance(exc, SourceError) and exc.temporary),
+        wait=backoff.wait(),
+        before_sleep=remember,
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return await source.fetch()
+    raise AssertionError("tenacity stops only by raising")
+
+
+async def _fallback(settings: Settings, publisher: Publisher, gate: Gate | None, error: SourceError) -> InstallOutcome:
+    fallback = settings.fallback
+    if fallback is None:
+        raise error
+    current = await asyncio.to_thread(publisher.current)
+    if current is not None:
+        logger.warning(
+            "FALLBACK: %s; keeping the set already in %s (%s) rather than the fallback",
+            error,
+            publisher.dest,
+            current.short_version,
+        )
+        return "kept"
+    from infantry.sources.file import read_tree
+
+    snapshot = await asyncio.to_thread(read_tree, fallback, f"fallback {fallback}", settings.limits)
+    await asyncio.to_thread(publisher.publish, snapshot, gate)
+    await asyncio.to_thread(publisher.tidy)
+    # install has no metrics endpoint; the mark lets `watch` report the fallback until it is replaced.
+    await asyncio.to_thread(mark_fallback, publisher.dest, snapshot.version)
+    logger.warning(
+        "FALLBACK: %s; published the fallback set from %s (%s, %d files) instead of the store's",
+        error,
+        fallback,
+        snapshot.short_version,
+        len(snapshot.files),
+    )
+    return "fallback"
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The most telling error from a task group: unsafe data first, then settings, then sources."""
+    leaves: list[BaseException] = []
+
+    def collect(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                collect(inner)
+        else:
+            leaves.append(error)
+
+    collect(group)
+    for kind in (UnsafeDataError, SettingsError, CheckFailed, InfantryError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return leaves[0]
