@@ -176,7 +176,9 @@ def install(**given: Any) -> None:
 
     async def job(settings: Settings) -> int:
         from infantry.install import run_install
+        from infantry.process import start_reaper
 
+        start_reaper(asyncio.get_running_loop())
         await run_install(settings, child_environment())
         return 0
 
@@ -190,11 +192,13 @@ def watch(**given: Any) -> None:
 
     async def job(settings: Settings) -> int:
         from infantry.health import HealthServer
+        from infantry.process import start_reaper
         from infantry.watch import build_watcher
 
+        loop = asyncio.get_running_loop()
+        start_reaper(loop)
         watcher = build_watcher(settings, child_environment())
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         server = None
