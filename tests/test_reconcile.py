@@ -167,7 +167,7 @@ class Harness:
         self.clock = FakeClock()
         self.source = FakeSource()
         self.publisher = publisher
-        spec = SourceSpec(url="file:///fake")
+        spec = SourceSpec.model_validate({"url": "file:///fake"})
         sources: list[tuple[SourceSpec, Source]] = [(spec, self.source)]
         self.watcher = Watcher(
             settings(tmp_path, **extra),
