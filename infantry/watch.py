@@ -131,6 +131,7 @@ class Watcher:
         self._in_sync = False
         self._live: Snapshot | None = None
         self._desired: Snapshot | None = None
+        self._merged_key: tuple[str, ...] = ()
         self._pending: _Pending | None = None
         self._busy: asyncio.Future[Any] | None = None
         self._dead: str | None = None
@@ -288,15 +289,10 @@ class Watcher:
         """One reconcile: None when the destination is settled (in sync, or deliberately kept), or why not."""
         changed_at, self._changed_at = self._changed_at, None
         try:
-            desired = merge(
-                Part(spec.url, spec.dir, part)
-                for (spec, _), part in zip(self._sources, self._parts, strict=True)
-                if part is not None
-            )
+            desired = self._merged()
         except SettingsError as exc:
             self._settle(refused=str(exc))  # nothing to retry until a source changes
             return None
-        self._desired = desired
         target = desired
         refused = self._refusals.get(desired.version)
         if refused is not None:
@@ -310,6 +306,18 @@ class Watcher:
             return None
         self._unsettled(problem)
         return problem
+
+    def _merged(self) -> Snapshot:
+        """The sources' latest sets as one; merged again only when one of them changed."""
+        key = tuple(part.version if part is not None else "" for part in self._parts)
+        if self._desired is None or key != self._merged_key:
+            self._desired = merge(
+                Part(spec.url, spec.dir, part)
+                for (spec, _), part in zip(self._sources, self._parts, strict=True)
+                if part is not None
+            )
+            self._merged_key = key
+        return self._desired
 
     async def _converge(self, target: Snapshot, changed_at: float | None, gate: Gate | None) -> str | None:
         """Make the destination hold ``target`` and the app know of it; None once done, else why not."""
