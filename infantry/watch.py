@@ -449,7 +449,7 @@ class Watcher:
         self._problem, self._in_sync = problem, False
         self.metrics.in_sync.set(0)
         if problem != self._logged:
-            logger.error("%s; retrying with backoff", problem)
+            logger.error("%s; retrying with backoff%s", problem, _hint(problem))
             self._logged = problem
 
     async def _blocking(self, what: str, func: Callable[..., T], *args: Any) -> T:
@@ -507,6 +507,23 @@ class Watcher:
             "problems": problems,
         }
         return Report(not problems, self._in_sync, problems, status, None if self._in_sync else reason)
+
+
+_HINTS = (
+    ("No space left", "free space on the volume that holds the destination"),
+    ("Read-only file system", "mount the destination read-write"),
+    ("Permission denied", "give infantry's user write access to the destination"),
+    ("reload", "check that the app is running and answers its reload hook"),
+    ("did not finish within", "the destination's filesystem is slow or hung"),
+)
+
+
+def _hint(problem: str) -> str:
+    """What an operator can do about ``problem``, when it is a familiar one."""
+    for needle, advice in _HINTS:
+        if needle in problem:
+            return f" ({advice})"
+    return ""
 
 
 class _StepTimeout(PublishError):
