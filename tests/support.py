@@ -38,8 +38,12 @@ REQUEST_SECONDS = 10.0
 _caller_deadline: ContextVar[float | None] = ContextVar("caller_deadline", default=None)
 
 
-def wait_until(what: str, condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> None:
-    """Poll ``condition`` until it holds, failing the test with ``what`` after ``timeout`` seconds."""
+def wait_until(what: str, condition: Callable[[], bool], timeout: float = 20.0, interval: float = 0.01) -> None:
+    """Poll ``condition`` until it holds, failing the test with ``what`` after ``timeout`` seconds.
+
+    The default is generous on purpose: it costs nothing when the condition comes true, and a busy
+    2-core CI machine can take seconds for what takes 50 ms on an idle one.
+    """
     deadline = time.monotonic() + timeout
     token = _caller_deadline.set(deadline)
     try:
@@ -273,7 +277,7 @@ http {{
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 20
         while not (port_open(self.port) and (self.tls_port is None or port_open(self.tls_port))):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
@@ -413,7 +417,7 @@ class Watch:
                     return 0, ""
                 time.sleep(0.05)
 
-    def wait_ready(self, timeout: float = 10) -> None:
+    def wait_ready(self, timeout: float = 20) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 pytest.fail(f"infantry watch exited {self.proc.returncode}:\n{self.log()}")
@@ -509,7 +513,7 @@ class Etcd:
             ]  # fmt: skip
         self.log = (self.workdir / "etcd.log").open("ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until("etcd to answer", self._healthy, timeout=20)
+        wait_until("etcd to answer", self._healthy, timeout=30)
 
     def _client(self) -> Any:
         import httpx

@@ -56,10 +56,14 @@ class Reader:
     def __init__(self, dest: Path, report: Path) -> None:
         self.report = report
         self.proc = subprocess.Popen([sys.executable, str(HELPERS / "reader.py"), str(dest), str(FILES), str(report)])
+        # Python can take seconds to start on a busy machine: the changes must not begin before the reading.
+        ready = report.with_name(report.name + ".ready")
+        wait_until("the reader's first pass", lambda: ready.exists() or self.proc.poll() is not None, timeout=30)
+        assert self.proc.poll() is None, f"the reader exited {self.proc.returncode}"
 
     def finish(self) -> tuple[int, list[str]]:
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=10)
+        self.proc.wait(timeout=20)
         head, *problems = self.report.read_text().splitlines()
         checked, _ = head.split()
         return int(checked), [p for p in problems if p]
@@ -90,11 +94,11 @@ def test_a_version_that_fails_verification_is_rolled_back(tmp_path: Path, watche
         watches.append(watch)
         watch.wait_ready()
         (store / "app.yaml").write_text("v: 2 (breaks the app)\n")
-        wait_until("the reload", lambda: app.count() == 1, timeout=5)
+        wait_until("the reload", lambda: app.count() == 1, timeout=15)
         reloaded_at = float(app.signals()[0].split()[0])
         wait_until("the rollback", lambda: read_as_app(dest) == {"app.yaml": "v: 1\n"}, timeout=5)
         assert time.time() - reloaded_at < 1 + 1
-        wait_until("the second notification", lambda: app.count() == 2, timeout=5)
+        wait_until("the second notification", lambda: app.count() == 2, timeout=15)
         assert app.signals()[1].split(" ", 1)[1] == "v: 1"
         assert watch.metric("infantry_rollbacks_total") == 1
         assert "failed verification" in watch.log()
@@ -103,7 +107,7 @@ def test_a_version_that_fails_verification_is_rolled_back(tmp_path: Path, watche
 
         health.status = 200
         (store / "app.yaml").write_text("v: 3\n")
-        wait_until("the next good version", lambda: read_as_app(dest) == {"app.yaml": "v: 3\n"}, timeout=5)
+        wait_until("the next good version", lambda: read_as_app(dest) == {"app.yaml": "v: 3\n"}, timeout=15)
         assert holds_for(lambda: read_as_app(dest) == {"app.yaml": "v: 3\n"}, 1.5)
         assert watch.metric("infantry_rollbacks_total") == 1
     finally:
@@ -224,15 +228,15 @@ def test_watch_killed_50_times_during_changes_never_tears_and_converges(tmp_path
     # A restart converges to the store, and clears what the kills left behind.
     watch = Watch(tmp_path, ["--source", store.as_uri(), "--dest", str(dest)])
     try:
-        watch.wait_ready()
+        watch.wait_ready(timeout=30)
         expected = {name: entry.data.decode() for name, entry in versioned(versions[-1]).files.items()}
-        wait_until("the store's last version", lambda: read_as_app(dest) == expected, timeout=10)
+        wait_until("the store's last version", lambda: read_as_app(dest) == expected, timeout=20)
 
         def snapshot_dirs() -> list[str]:
             return [n for n in os.listdir(dest) if n.startswith("..") and n not in ("..data", "..previous")]
 
         # Old snapshots are removed just after each publish has been announced: wait for that.
-        wait_until("the leftovers of the kills to be cleared", lambda: len(snapshot_dirs()) <= 2, timeout=10)
+        wait_until("the leftovers of the kills to be cleared", lambda: len(snapshot_dirs()) <= 2, timeout=20)
     finally:
         assert watch.stop()[0] == 0
 
@@ -259,7 +263,8 @@ def test_store_outage_keeps_files_costs_little_cpu_and_recovers(
     (nginx.stop if store_kind == "nginx" else etcd.kill)()
     outage_started = time.monotonic()
     cpu_before = _cpu_seconds(watch.proc.pid)
-    wait_until("/healthz to turn stale", lambda: watch.get("/healthz")[0] == 503, timeout=10)
+    # Polled gently: each request costs the watch CPU, which would count against it below.
+    wait_until("/healthz to turn stale", lambda: watch.get("/healthz")[0] == 503, timeout=20, interval=0.25)
     wait_until("six seconds of outage", lambda: time.monotonic() - outage_started > 6, timeout=10)
     cpu_used = _cpu_seconds(watch.proc.pid) - cpu_before
     assert cpu_used < 0.5, f"{cpu_used:.2f} CPU seconds during a 6 s outage: a busy loop?"

@@ -43,7 +43,8 @@ class Webhook:
              "--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key), "--image", "infantry:test"],
             stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        wait_until("the webhook to listen", lambda: port_open(self.port))
+        wait_until("the webhook to listen", lambda: port_open(self.port) or self.proc.poll() is not None, timeout=30)
+        assert self.proc.poll() is None, f"the webhook exited {self.proc.returncode}"
 
     def issue(self) -> trustme.CA:
         """Write a fresh certificate for 127.0.0.1 from a new CA; return the CA."""
@@ -69,7 +70,7 @@ class Webhook:
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=10)
+        code = self.proc.wait(timeout=20)
         self.log.close()
         return code
 
@@ -242,7 +243,11 @@ def test_a_slow_client_does_not_block_others_and_sigterm_is_graceful(webhook: We
     assert webhook.stop() == 0
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

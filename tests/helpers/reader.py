@@ -3,8 +3,9 @@
 Usage: reader.py DEST EXPECTED_FILES REPORT_FILE
 Every file holds "version <V>" on its first line. A pass lists the top-level names, reads every file
 through them, and, if ``..data`` did not move during the pass, requires that it saw EXPECTED_FILES files
-all carrying the same version. It runs until SIGTERM, then writes "<passes checked> <problems>" and the
-first problems to REPORT_FILE.
+all carrying the same version. Once its first pass is checked it creates REPORT_FILE.ready, so that a
+test starts changing DEST only once the reader is really reading. It runs until SIGTERM, then writes
+"<passes checked> <problems>" and the first problems to REPORT_FILE.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 dest, expected, report = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+ready = report.with_name(report.name + ".ready")
 stop = False
 
 
@@ -51,6 +53,8 @@ while not stop:
     if seen is None or before != after:
         continue
     checked += 1
+    if checked == 1:
+        ready.touch()
     versions = set(seen.values())
     if len(seen) != expected or len(versions) != 1:
         problems.append(f"{before}: {len(seen)} files, versions {sorted(versions)[:4]}")
