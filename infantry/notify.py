@@ -202,6 +202,13 @@ def _describe(exc: BaseException, url: str) -> str:
 
 
 # ssl.SSLError is an OSError; httpx's timeouts are HTTPErrors; TimeoutError is the whole-call deadline.
+def _explain(last: BaseException, answer: BaseException | None, url: str) -> str:
+    """The last failure; when the deadline cut the last attempt short, also the answer before it."""
+    if isinstance(last, TimeoutError) and answer is not None:
+        return f"{_describe(last, url)} (before that: {_describe(answer, url)})"
+    return _describe(last, url)
+
+
 _RETRIED = (httpx.HTTPError, OSError, TimeoutError, _Refused)
 
 
@@ -235,20 +242,23 @@ class HttpNotifier:
         deadline = loop.time() + self._timeout
         headers = {"X-Infantry-Version": snapshot.version}
         failures = 0
+        answer: BaseException | None = None  # the last failure that was not the deadline cutting in
         while True:
             try:
                 await _call_status(self._client, self._http_method, self._url, headers, deadline)
             except _RETRIED as exc:
                 failures += 1
-                hint = exc.retry_after if isinstance(exc, _Refused) else None
+                answer = answer if isinstance(exc, TimeoutError) else exc
                 left = deadline - loop.time()
-                if left <= 0:
-                    raise NotifyError(
-                        f"reload call to {redact_url(self._url)} failed {failures} times in {self._timeout:g}s;"
-                        f" last: {_describe(exc, self._url)}"
-                    ) from exc
-                await asyncio.sleep(min(self._backoff.delay(failures - 1, hint), left))
-                continue
+                if left > 0:
+                    hint = exc.retry_after if isinstance(exc, _Refused) else None
+                    await asyncio.sleep(min(self._backoff.delay(failures - 1, hint), left))
+                if loop.time() < deadline:
+                    continue
+                raise NotifyError(
+                    f"reload call to {redact_url(self._url)} failed {failures} times in {self._timeout:g}s;"
+                    f" last: {_explain(exc, answer, self._url)}"
+                ) from exc
             logger.info("called %s %s", self._http_method, redact_url(self._url))
             return
 
@@ -304,18 +314,19 @@ class HttpVerifier:
         """GET the URL until it answers 2xx; ``timeout`` bounds all the attempts together."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        problem = "no answer"
+        last: BaseException = TimeoutError()
+        answer: BaseException | None = None  # the last failure that was not the deadline cutting in
         failures = 0
         while loop.time() < deadline:
             try:
                 await _call_status(self._client, "GET", self._url, {}, deadline)
             except _RETRIED as exc:
-                problem = _describe(exc, self._url)
+                last, answer = exc, answer if isinstance(exc, TimeoutError) else exc
                 failures += 1
                 await asyncio.sleep(min(self._backoff.delay(failures - 1), max(0.0, deadline - loop.time())))
                 continue
             return None
-        return f"{redact_url(self._url)}: {problem} within {self._timeout:g}s"
+        return f"{redact_url(self._url)}: {_explain(last, answer, self._url)} within {self._timeout:g}s"
 
     async def aclose(self) -> None:
         """Close the HTTP client."""
