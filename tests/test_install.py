@@ -42,7 +42,8 @@ def test_closed_port_exits_3_within_the_timeout_and_writes_nothing(tmp_path: Pat
     )
     elapsed = time.monotonic() - started
     assert result.returncode == 3, result.stderr
-    assert elapsed < 4, elapsed
+    # The 2 s timeout plus interpreter start-up on a busy machine: far from the 60 s default.
+    assert elapsed < 2 + 4, elapsed
     assert tree(dest) == {}
     assert "unreachable after 2s" in result.stderr
 

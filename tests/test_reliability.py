@@ -97,7 +97,8 @@ def test_a_version_that_fails_verification_is_rolled_back(tmp_path: Path, watche
         wait_until("the reload", lambda: app.count() == 1, timeout=15)
         reloaded_at = float(app.signals()[0].split()[0])
         wait_until("the rollback", lambda: read_as_app(dest) == {"app.yaml": "v: 1\n"}, timeout=5)
-        assert time.time() - reloaded_at < 1 + 1
+        # Rolled back once the 1 s verify timeout ran out, not at some later resync (slack for a busy machine).
+        assert time.time() - reloaded_at < 1 + 3
         wait_until("the second notification", lambda: app.count() == 2, timeout=15)
         assert app.signals()[1].split(" ", 1)[1] == "v: 1"
         assert watch.metric("infantry_rollbacks_total") == 1

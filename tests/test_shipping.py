@@ -45,8 +45,8 @@ def test_local_pod_serves_the_new_value_after_a_reload(tmp_path: Path) -> None:
         master, workers = pod.nginx_pids()
         assert workers
         pod.put("green")
-        wait_until("nginx to serve the new value", lambda: pod.page() == "color: green\n", timeout=5)
-        wait_until("the old workers to be replaced", lambda: not (pod.nginx_pids()[1] & workers), timeout=10)
+        wait_until("nginx to serve the new value", lambda: pod.page() == "color: green\n", timeout=15)
+        wait_until("the old workers to be replaced", lambda: not (pod.nginx_pids()[1] & workers), timeout=20)
         master_after, workers_after = pod.nginx_pids()
         assert master_after == master  # reloaded, not restarted
         assert workers_after and not workers_after & workers

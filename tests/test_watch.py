@@ -57,7 +57,8 @@ def test_an_edit_gives_one_signal_and_a_burst_gives_one_more(tmp_path: Path, wat
         (store / "app.yaml").write_text("color: green\n")
         wait_until("one SIGHUP after the edit", lambda: app.count() == 1, timeout=15)
         stamp, content = app.signals()[0].split(" ", 1)
-        assert float(stamp) - edited < 1.0
+        # Within a few seconds, on a busy machine too: far sooner than the 10 s resync, so the change was seen.
+        assert float(stamp) - edited < 3.0
         assert content == "color: green"  # the app read the new value when signalled
         assert read_as_app(dest) == {"app.yaml": "color: green\n"}
 
@@ -73,7 +74,7 @@ def test_an_edit_gives_one_signal_and_a_burst_gives_one_more(tmp_path: Path, wat
         assert watch.metric("infantry_propagation_seconds_count") == 2
         assert watch.get("/healthz")[0] == 200
         code, took = watch.stop()
-        assert code == 0 and took < 5, watch.log()
+        assert code == 0 and took < 10, watch.log()
     finally:
         app.stop()
 
@@ -90,7 +91,7 @@ def test_readyz_waits_for_the_first_publish_and_sigterm_stops_it(tmp_path: Path,
     watch.wait_ready()
     assert read_as_app(dest) == {"a.txt": "a"}
     code, took = watch.stop()
-    assert code == 0 and took < 5
+    assert code == 0 and took < 10, watch.log()
 
 
 def test_signal_by_process_name_reaches_the_app(tmp_path: Path, watches: list[Watch]) -> None:

@@ -238,7 +238,8 @@ def test_a_slow_client_does_not_block_others_and_sigterm_is_graceful(webhook: We
     for thread in threads:
         thread.join(timeout=10)
     assert results == [200] * 20
-    assert time.monotonic() - started < 5
+    # Under the clients' 10 s timeout: none of them waited for the slow one.
+    assert time.monotonic() - started < 9
     slow.close()
     assert webhook.stop() == 0
 
