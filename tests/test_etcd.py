@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from tests.support import (
     Watch,
     holds_for,
     infantry,
+    port_open,
     read_as_app,
     tree,
     wait_until,
@@ -227,3 +229,29 @@ def test_unsafe_keys_exit_5_on_install_and_are_survived_by_watch(
     etcd.delete("/app/../escape")
     etcd.put("/app/good", "2")
     wait_until("watch to carry on", lambda: read_as_app(dest) == {"good": "2"}, timeout=15)
+
+
+def restart_wiped(etcd: Etcd) -> None:
+    """Stop etcd, delete its data, and start a brand-new, empty store on the same port."""
+    etcd.stop()
+    wait_until("etcd's port to close", lambda: not port_open(etcd.port), timeout=10)
+    shutil.rmtree(etcd.workdir / "data")
+    etcd.start()
+
+
+def test_a_store_rebuilt_from_scratch_is_read_again(etcd: Etcd, tmp_path: Path, watches: list[Watch]) -> None:
+    for key in ("a", "b", "c"):
+        etcd.put(f"/app/{key}", "old")
+    old_revision = etcd.revision()
+    dest = tmp_path / "D"
+    watch = Watch(tmp_path, ["--source", etcd.url(), "--dest", str(dest), "--interval", "0.5"])
+    watches.append(watch)
+    watch.wait_ready()
+    assert read_as_app(dest) == {"a": "old", "b": "old", "c": "old"}
+
+    restart_wiped(etcd)
+    etcd.put("/app/a", "new")
+    assert etcd.revision() < old_revision  # the new store is behind the revision the watch would resume from
+    wait_until("exactly the rebuilt store's keys", lambda: read_as_app(dest) == {"a": "new"}, timeout=20)
+    assert watch.proc.poll() is None, watch.log()
+    assert watch.log().count("the store was rebuilt") == 1, watch.log()

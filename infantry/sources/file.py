@@ -239,6 +239,7 @@ class FileSource:
         since replaced, is started again; the resync every interval covers the gap.
         """
         changed = asyncio.Event()
+        loop = asyncio.get_running_loop()
         observer, watched = self._start_observer(changed)
         try:
             last = await self.fetch()
@@ -246,7 +247,10 @@ class FileSource:
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), timeout=self._interval)
-                while changed.is_set():
+                # Settle, but never for longer than an interval: a tree that never stops changing is
+                # still read every interval, not starved.
+                settle_until = loop.time() + self._interval
+                while changed.is_set() and loop.time() < settle_until:
                     changed.clear()
                     await asyncio.sleep(SETTLE_SECONDS)
                 if not _observing(observer, watched):
