@@ -197,6 +197,8 @@ class EtcdSource:
         if not isinstance(header, dict):
             raise self._malformed("no header")
         revision = self._int(header, "revision")
+        if not revision:
+            return False  # a canceled watch may answer without one: nothing to compare
         cluster_id = header.get("cluster_id")
         cluster_id = str(cluster_id) if cluster_id is not None else None
         rebuilt = (cluster_id is not None and self._cluster_id is not None and cluster_id != self._cluster_id) or (
@@ -353,9 +355,6 @@ class EtcdSource:
                     result = answer.get("result")
                     if not isinstance(result, dict):
                         raise self._malformed("watch response without a result")
-                    if self._rebuilt(result):
-                        yield _REBUILT
-                        return
                     if result.get("canceled"):
                         reason = str(result.get("cancel_reason", "no reason given"))
                         if self._int(result, "compact_revision"):
@@ -365,6 +364,9 @@ class EtcdSource:
                             yield _TOKEN_EXPIRED
                             return
                         raise self._error(f"watch canceled: {reason}")
+                    if self._rebuilt(result):
+                        yield _REBUILT
+                        return
                     events = result.get("events", [])
                     if not isinstance(events, list):
                         raise self._malformed("events is not a list")
