@@ -137,6 +137,22 @@ def test_watch_survives_a_hostile_file_store_and_keeps_following(
     assert_following(watch)
 
 
+def test_a_one_file_source_may_be_a_link_into_a_configmap_volume(tmp_path: Path) -> None:
+    # The guard against links changing under the reader must not refuse the file the URL itself names.
+    volume = tmp_path / "volume"
+    (volume / "..2026_01_01").mkdir(parents=True)
+    (volume / "..2026_01_01" / "app.yaml").write_text("v: 1\n")
+    os.symlink("..2026_01_01", volume / "..data")
+    os.symlink("..data/app.yaml", volume / "app.yaml")
+    dest = tmp_path / "D"
+    result = infantry("install", "--source", (volume / "app.yaml").as_uri(), "--dest", str(dest))
+    assert result.returncode == 0, result.stderr
+    assert read_as_app(dest) == {"app.yaml": "v: 1\n"}
+    whole = infantry("install", "--source", volume.as_uri(), "--dest", str(tmp_path / "W"))
+    assert whole.returncode == 0, whole.stderr
+    assert read_as_app(tmp_path / "W") == {"app.yaml": "v: 1\n"}
+
+
 # -- an unreadable sub-directory, seen by an unprivileged infantry -------------------------------------
 
 

@@ -81,7 +81,8 @@ def _read_once(root: Path, name: str, limits: Limits) -> Snapshot:
     except OSError as exc:
         raise _os_error(name, str(root), exc, vanished_is_race=False) from exc
     if stat.S_ISREG(st.st_mode):
-        _add_file(builder, root, root.name)
+        # The source names this file itself: follow a link to it (a ConfigMap's app.yaml -> ..data/app.yaml).
+        _add_file(builder, root, root.name, follow=True)
         return builder.build()
     if not stat.S_ISDIR(st.st_mode):
         raise builder.reject(f"{root} is neither a file nor a directory")
@@ -165,10 +166,11 @@ def _link_target(builder: SnapshotBuilder, path: Path, rel: str, real_base: Path
     return target
 
 
-def _add_file(builder: SnapshotBuilder, path: Path, rel: str) -> None:
-    """Read one regular file. The path is opened without following a final link: it was checked already."""
+def _add_file(builder: SnapshotBuilder, path: Path, rel: str, *, follow: bool = False) -> None:
+    """Read one regular file. Unless ``follow``, a final link is not followed: links were checked already."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+        fd = os.open(path, flags)
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # it became a link after it was listed or resolved: a change in progress
             raise _Raced(builder.reject(f"{printable(rel)} keeps changing into a link")) from exc
