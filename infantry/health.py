@@ -146,7 +146,8 @@ class HealthServer:
             self._active -= 1
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1)
+                async with asyncio.timeout(1):
+                    await writer.wait_closed()
 
     def _answer(self, request_line: bytes) -> tuple[int, bytes, str]:
         parts = request_line.split()

@@ -182,8 +182,11 @@ class Watcher:
     @staticmethod
     async def _stopper(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
         await stop.wait()
-        for task in tasks:
-            task.cancel()
+        # A cancellation can be lost in a race inside a library; ask again until every task has ended.
+        while pending := [task for task in tasks if not task.done()]:
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=1.0)
 
     async def _start(self) -> None:
         # A publish killed half-way leaves temporary entries and unused snapshots; clear them first.

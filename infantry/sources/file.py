@@ -247,8 +247,11 @@ class FileSource:
             last = await self.fetch()
             yield last
             while True:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+                # that arrives as the event is set, and the task would then never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), timeout=self._interval)
+                    async with asyncio.timeout(self._interval):
+                        await changed.wait()
                 # Settle, but never for longer than an interval: a tree that never stops changing is
                 # still read every interval, not starved.
                 settle_until = loop.time() + self._interval
