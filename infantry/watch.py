@@ -215,6 +215,8 @@ class Watcher:
                         continue
                     self.metrics.syncs.labels("changed").inc()
                     self._parts[index] = item
+                    self._in_sync = False  # until a step has put it in place and told the app
+                    self.metrics.in_sync.set(0)
                     if self._changed_at is None:
                         self._changed_at = self._clock()
                     if self._out_since is None:
