@@ -26,6 +26,7 @@ from infantry.snapshot import Limits, Snapshot, SnapshotBuilder, printable
 from infantry.sources import redact_url
 
 JITTER = 0.1
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 # The longest a server's Retry-After may hold polling off, whatever it asks: a proxy answering
 # "Retry-After: 86400" once must not stop a sidecar for a day.
@@ -150,9 +151,12 @@ class HttpSource:
             auth = self._auth() if trusted else None
             request = self._client.stream("GET", url, headers=self._headers(trusted), auth=auth, follow_redirects=False)
             async with request as resp:
-                if resp.is_redirect:
+                if resp.status_code in _REDIRECTS:
+                    location = resp.headers.get("Location")
+                    if location is None:
+                        raise SourceError(self.name, f"HTTP {resp.status_code} without a Location", temporary=True)
                     try:
-                        url = resp.url.join(resp.headers["Location"])
+                        url = resp.url.join(location)
                     except httpx.InvalidURL as exc:
                         raise SourceError(self.name, f"redirected to an invalid URL: {exc}", temporary=False) from exc
                     continue
