@@ -45,7 +45,7 @@ def build_client(spec: SourceSpec, timeout: float = 10.0) -> httpx.AsyncClient:
             context.load_cert_chain(spec.client_cert, spec.client_key)
         except (OSError, ssl.SSLError) as exc:
             raise SettingsError(f"client-cert: cannot load {spec.client_cert}: {exc}") from exc
-    return httpx.AsyncClient(verify=context, timeout=timeout, follow_redirects=True, trust_env=False)
+    return httpx.AsyncClient(verify=context, timeout=timeout, follow_redirects=False, trust_env=False)
 
 
 def retry_after_seconds(value: str | None, now: float, cap: float = RETRY_AFTER_CAP) -> float | None:
