@@ -136,8 +136,9 @@ class SignalNotifier:
 def read_pid_file(pid_file: Path) -> int:
     """The PID a PID file names; NotifyError unless it is one other process that may be signalled.
 
-    ``kill`` treats 0, -1 and negative numbers as process groups or "everyone", and 1 is init: none of
-    those, nor infantry itself, is ever a reload target.
+    ``kill`` treats 0, -1 and negative numbers as process groups or "everyone": none of those, nor
+    infantry itself, is ever a reload target. PID 1 is allowed when it is not infantry: in a shared PID
+    namespace (compose's ``pid: "service:app"``) the app itself is often PID 1.
     """
     try:
         with pid_file.open("rb") as file:
@@ -149,7 +150,7 @@ def read_pid_file(pid_file: Path) -> int:
     if not (digits.isascii() and digits.isdigit()) or len(digits) > len(str(PID_MAX)):
         raise NotifyError(f"the PID file {pid_file} does not hold a process ID: {_shown(text)}")
     pid = int(digits)
-    if pid <= 1 or pid > PID_MAX:
+    if pid < 1 or pid > PID_MAX:
         raise NotifyError(f"the PID file {pid_file} holds {pid}, which is not a process that can be reloaded")
     if pid == os.getpid():
         raise NotifyError(f"the PID file {pid_file} holds infantry's own PID {pid}")

@@ -230,10 +230,10 @@ def test_hook_commands_are_bounded_even_when_a_grandchild_holds_stderr() -> None
 
 # -- signals -----------------------------------------------------------------------------------------
 
+# PID 1 is not among them: when it is not infantry, it may be the app (compose's pid: "service:app").
 BAD_PID_FILES = {
     "-1": "does not hold a process ID",  # kill(-1) is every process we may signal
     "0": "not a process that can be reloaded",  # kill(0) is our own process group
-    "1": "not a process that can be reloaded",
     "SELF": "infantry's own PID",
     "99999999999999999999": "does not hold a process ID",
     "4194305": "not a process that can be reloaded",
