@@ -66,19 +66,19 @@ def test_watch_puts_deletes_and_one_signal_per_transaction(etcd: Etcd, tmp_path:
         watch.wait_ready()
 
         etcd.put("/app/a.yaml", "v: 2\n")
-        wait_until("one signal for the put", lambda: app.count() == 1, timeout=5)
+        wait_until("one signal for the put", lambda: app.count() == 1)
         assert app.signals()[0].split(" ", 1)[1] == "v: 2"
 
         etcd.put("/app/b.yaml", "b\n")
-        wait_until("the new key", lambda: (dest / "b.yaml").exists(), timeout=5)
+        wait_until("the new key", lambda: (dest / "b.yaml").exists())
         etcd.delete("/app/b.yaml")
-        wait_until("the deleted key's file to go", lambda: not os.path.lexists(dest / "b.yaml"), timeout=5)
-        wait_until("signals for both", lambda: app.count() == 3, timeout=5)
+        wait_until("the deleted key's file to go", lambda: not os.path.lexists(dest / "b.yaml"))
+        wait_until("signals for both", lambda: app.count() == 3)
 
         published = watch.metric("infantry_publishes_total", result="published")
         etcd.txn({"/app/t1": "1", "/app/t2": "2", "/app/a.yaml": "v: 3\n"})
         wait_until("the transaction", lambda: read_as_app(dest) == {"a.yaml": "v: 3\n", "t1": "1", "t2": "2"})
-        wait_until("its signal", lambda: app.count() == 4, timeout=5)
+        wait_until("its signal", lambda: app.count() == 4)
         assert holds_for(lambda: app.count() == 4, 1.0)
         assert watch.metric("infantry_publishes_total", result="published") == published + 1
         code, _ = watch.stop()
@@ -159,7 +159,7 @@ def test_auth_with_token_and_reauthentication(tmp_path: Path, watches: list[Watc
         etcd.put("/app/a", "2")
         # The token lives 1 s without use; once the cut outlasts that, resuming needs a new login.
         cut_at = time.monotonic()
-        wait_until("the token to expire", lambda: time.monotonic() - cut_at > 2.5, timeout=5)
+        wait_until("the token to expire", lambda: time.monotonic() - cut_at > 2.5)
         proxy.restore()
         wait_until("the update after logging in again", lambda: read_as_app(dest) == {"a": "2"}, timeout=15)
         assert "the auth token expired; logging in again" in watch.log()

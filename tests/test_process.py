@@ -60,8 +60,8 @@ def test_a_command_that_times_out_is_killed_with_its_whole_group() -> None:
     started = time.monotonic()
     result = run_command(["sh", "-c", f"sleep 300.{marker} & sleep 301.{marker}; wait"], 0.5, dict(os.environ))
     assert result.timed_out and not result.ok
-    assert time.monotonic() - started < 5
-    wait_until("the group to be gone", lambda: processes_with(marker) == [], timeout=5)
+    assert time.monotonic() - started < 8
+    wait_until("the group to be gone", lambda: processes_with(marker) == [])
     assert my_zombies() == []
 
 
@@ -93,7 +93,7 @@ def test_exec_hook_timeout_is_a_notify_error() -> None:
     started = time.monotonic()
     with pytest.raises(NotifyError, match="timed out"):
         asyncio.run(notifier.notify(Snapshot.of({"a": FileEntry(b"")})))
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 8
 
 
 def _open_fds() -> int:
@@ -155,7 +155,7 @@ def _kill_all(marker: str) -> None:
     for pid in processes_with(marker):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    wait_until("the leftovers to be gone", lambda: processes_with(marker) == [], timeout=5)
+    wait_until("the leftovers to be gone", lambda: processes_with(marker) == [])
 
 
 def _run_bounded(argv: list[str], timeout: float, bound: float) -> tuple[CommandResult, float]:
@@ -178,10 +178,10 @@ def test_a_setsid_grandchild_holding_stderr_does_not_stretch_the_timeout() -> No
     try:
         result, elapsed = _run_bounded(["sh", "-c", script], 0.5, 0.5 + KILL_GRACE_SECONDS + 5)
         assert result.timed_out and not result.ok
-        assert elapsed < 0.5 + KILL_GRACE_SECONDS + 1, elapsed
+        assert elapsed < 0.5 + KILL_GRACE_SECONDS + 3, elapsed
         assert result.returncode == -signal.SIGKILL  # the leader's own end
         group_gone = lambda: processes_with(f"100.{marker}") == processes_with(f"101.{marker}") == []  # noqa: E731
-        wait_until("the command's group to be gone", group_gone, timeout=5)
+        wait_until("the command's group to be gone", group_gone)
         assert len(processes_with(f"300.{marker}")) == 1  # the grandchild is out of reach, as setsid meant
     finally:
         _kill_all(marker)
@@ -194,7 +194,7 @@ def test_a_successful_hook_with_a_background_child_holding_stderr_returns_at_onc
     try:
         result, elapsed = _run_bounded(["sh", "-c", script], 10, 15)
         assert result.ok and result.returncode == 0 and not result.timed_out
-        assert elapsed < 2, elapsed
+        assert elapsed < 4, elapsed
         assert result.stderr_tail == "reloaded fine"
         assert len(processes_with(marker)) == 1  # a daemon the hook started is left running
     finally:
@@ -208,13 +208,13 @@ def test_a_failing_hook_reports_its_own_exit_while_its_background_child_writes_o
     try:
         result, elapsed = _run_bounded(["sh", "-c", script], 10, 15)
         assert result.returncode == 3 and not result.ok and not result.timed_out
-        assert elapsed < 2, elapsed
+        assert elapsed < 4, elapsed
     finally:
         # The background loop is a subshell of the group; its argv is sh's. Kill the group by its leader.
         for pid in processes_with(script):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
-        wait_until("the background loop to be gone", lambda: processes_with(script) == [], timeout=5)
+        wait_until("the background loop to be gone", lambda: processes_with(script) == [])
     assert my_zombies() == []
 
 

@@ -422,9 +422,9 @@ def test_a_day_long_retry_after_is_capped_at_ten_intervals(
     wait_for_log(watch, "HTTP 503")
     document.body, document.mode = "v: 2\n", "ok"
     healed = time.monotonic()
-    wait_until("the new content after the 503", lambda: read_as_app(dest) == {"app.yaml": "v: 2\n"}, timeout=8)
+    wait_until("the new content after the 503", lambda: read_as_app(dest) == {"app.yaml": "v: 2\n"}, timeout=20)
     # The cap is 10 x 0.2 s = 2 s, plus jitter, the backoff and a publish.
-    assert time.monotonic() - healed < 4.5
+    assert time.monotonic() - healed < 8  # the cap is 10 intervals (2 s), not the server's 86400 s
     assert_following(watch)
 
 
