@@ -53,8 +53,13 @@ Gate = Callable[[Path], None]
 # kernel's coarse clock without its stat changing; its content is compared until it is older than this.
 RACY_NS = 2_000_000_000
 
-Signature = tuple[int, int, int, int]
-"""What a stat says of a file that a rewrite would change: inode, size, mtime, mode."""
+Signature = tuple[int, int, int, int, int]
+"""What a stat says of a file that a rewrite would change: inode, size, mtime, mode, and ctime (which,
+unlike mtime, no one can set back after an edit)."""
+
+
+def _signature(st: os.stat_result) -> Signature:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode, st.st_ctime_ns)
 
 
 def make_gate(command: str, timeout: float, environ: Mapping[str, str]) -> Gate:
@@ -86,17 +91,24 @@ class Ledger:
     def record(self, rel: str, st: os.stat_result) -> None:
         """Remember ``rel`` as verified, with the stat taken when it was written or compared."""
         racy = st.st_mtime_ns >= time.time_ns() - RACY_NS
-        self._seen[rel] = ((st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode), racy)
+        self._seen[rel] = (_signature(st), racy)
 
     def unchanged(self, rel: str, st: os.stat_result) -> bool:
         """True when ``st`` is the stat recorded for ``rel``, racy or not."""
         seen = self._seen.get(rel)
-        return seen is not None and seen[0] == (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+        return seen is not None and seen[0] == _signature(st)
 
     def trusted(self, rel: str, st: os.stat_result) -> bool:
         """True when ``st`` shows ``rel`` untouched since it was recorded, and the record is not racy."""
         seen = self._seen.get(rel)
-        return seen is not None and not seen[1] and seen[0] == (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+        return seen is not None and not seen[1] and seen[0] == _signature(st)
+
+    def rebase(self, rel: str, st: os.stat_result) -> None:
+        """Accept a new ctime for ``rel`` when nothing else changed: infantry's own hard links and
+        removals of old snapshots change the ctime of the inodes the live snapshot shares with them."""
+        seen = self._seen.get(rel)
+        if seen is not None and seen[0][:4] == _signature(st)[:4]:
+            self._seen[rel] = (_signature(st), seen[1])
 
 
 def _read_nofollow(path: Path, limit: int = -1) -> tuple[bytes, os.stat_result]:
@@ -539,6 +551,7 @@ class KubeletPublisher:
     def clean(self) -> None:
         """Remove temporary entries and snapshot directories that are neither live nor kept for rollback."""
         keep = {self._live_dir(DATA), self._live_dir(PREVIOUS)}
+        removed = False
         for entry in os.scandir(self.dest):
             if (
                 entry.name.startswith(TMP_PREFIX)
@@ -546,8 +559,14 @@ class KubeletPublisher:
                 or (SNAPSHOT_DIR.fullmatch(entry.name) and entry.name not in keep)
             ):
                 _remove(Path(entry.path))
+                removed = True
         if self._live_dir(PREVIOUS) is None and os.path.lexists(self.dest / PREVIOUS):
             os.unlink(self.dest / PREVIOUS)
+        if removed and self._current is not None and self._current_dir is not None:
+            live = self.dest / self._current_dir
+            for rel in self._current.files:
+                with contextlib.suppress(OSError):
+                    self._ledger.rebase(rel, (live / rel).lstat())
 
 
 class DirectPublisher:
@@ -677,6 +696,7 @@ class DirectPublisher:
                 if target.is_dir() and not target.is_symlink():
                     raise PublishError(f"refusing to replace directory {target} with a file")
                 os.rename(staged / path, target)
+                ledger.rebase(path, target.lstat())  # rename(2) moved the ctime, nothing else
             tmp_manifest = staged / MANIFEST
             tmp_manifest.write_text(json.dumps(sorted(snapshot.files)), encoding="utf-8")
             os.rename(tmp_manifest, self.dest / MANIFEST)

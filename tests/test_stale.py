@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import IN_CI, ReloadEndpoint, Watch, read_as_app, wait_until
+from tests.support import IN_CI, ReloadEndpoint, Watch, holds_for, read_as_app, wait_until
 
 STALE = "2"
 
@@ -132,6 +133,24 @@ def test_a_file_edited_in_the_live_snapshot_is_restored_and_never_carried_forwar
     wait_until("v2", lambda: read_as_app(dest) == {"app.yaml": "v: 2\n", "keep.yaml": "same\n"}, timeout=20)
     wait_until("/readyz", lambda: watch.get("/readyz")[0] == 200, timeout=20)
     assert healthz(watch)[0] == 200
+    # infantry's own links and removals of old snapshots are not mistaken for edits: no repair follows.
+    assert holds_for(lambda: watch.metric("infantry_repairs_total") == 1, 1.5)
+    # An edit that puts the size and the mtime back is still seen (its ctime cannot be put back).
+    live = dest / os.readlink(dest / "..data")
+    before = (live / "keep.yaml").stat()
+    # Wait until the copy is too old to be "racy" (a fresh file's content is compared on every check),
+    # and a few resyncs have seen it at that age, so only its stat can give the edit away.
+    wait_until("the copy to age", lambda: time.time_ns() - before.st_mtime_ns > 4_000_000_000)
+    assert holds_for(lambda: watch.metric("infantry_repairs_total") == 1, 1.0)
+    with open(live / "keep.yaml", "r+") as handle:
+        handle.write("SAME\n")
+    os.utime(live / "keep.yaml", ns=(before.st_atime_ns, before.st_mtime_ns))
+    wait_until(
+        "the disguised edit to be repaired",
+        lambda: read_as_app(dest) == {"app.yaml": "v: 2\n", "keep.yaml": "same\n"},
+        timeout=20,
+    )
+    assert watch.metric("infantry_repairs_total") == 2
 
 
 def test_an_emptied_destination_is_restored(tmp_path: Path, watches: list[Watch]) -> None:
