@@ -11,7 +11,7 @@ from typing import Literal
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from infantry.errors import CheckFailed, InfantryError, SettingsError, SourceError, SourceTimeout, UnsafeDataError
-from infantry.publish import Gate, Publisher, make_gate, make_publisher, mark_fallback
+from infantry.publish import Gate, Publisher, make_gate, make_publisher, mark_fallback, mark_told
 from infantry.retry import Backoff
 from infantry.settings import Settings, SourceSpec
 from infantry.snapshot import Part, Snapshot, merge
@@ -67,6 +67,8 @@ async def install(
         )
         published = await asyncio.to_thread(publisher.publish, snapshot, gate)
         await asyncio.to_thread(publisher.tidy)
+        # The app starts after install: it reads this set, so `watch` need not tell it again.
+        await asyncio.to_thread(mark_told, publisher.dest, snapshot.version)
         if published:
             logger.info("published %s (%d files) into %s", snapshot.short_version, len(snapshot.files), publisher.dest)
             return "published"
@@ -113,6 +115,7 @@ async def _fallback(settings: Settings, publisher: Publisher, gate: Gate | None,
     await asyncio.to_thread(publisher.tidy)
     # install has no metrics endpoint; the mark lets `watch` report the fallback until it is replaced.
     await asyncio.to_thread(mark_fallback, publisher.dest, snapshot.version)
+    await asyncio.to_thread(mark_told, publisher.dest, snapshot.version)
     logger.warning(
         "FALLBACK: %s; published the fallback set from %s (%s, %d files) instead of the store's",
         error,

@@ -45,6 +45,7 @@ SNAPSHOT_DIR = re.compile(r"\.\.\d{4}(_\d\d){5}\.\d{9}")
 DIR_MODE = 0o755
 
 FALLBACK = "..fallback"
+TOLD = "..told"
 
 Gate = Callable[[Path], None]
 """A check run on the staged directory before it goes live; it raises CheckFailed to refuse it."""
@@ -156,6 +157,30 @@ def _check_files(root: Path, snapshot: Snapshot, ledger: Ledger, file_mode: int)
     return None
 
 
+def _check_tree(
+    root: Path, snapshot: Snapshot, dirs: dict[str, set[str]], ledger: Ledger, file_mode: int
+) -> str | None:
+    """Why the tree under ``root`` differs from ``snapshot``: a directory's entries or mode, or a file."""
+    for rel, names in dirs.items():
+        path = root / rel if rel else root
+        key = f"{DATA}/{rel}"  # directories share the ledger under a name no file can have
+        shown = printable(rel or ".")
+        try:
+            st = path.lstat()
+            if not stat.S_ISDIR(st.st_mode):
+                return f"directory {shown} was replaced"
+            if stat.S_IMODE(st.st_mode) != DIR_MODE:
+                return f"the mode of directory {shown} was changed"
+            if ledger.trusted(key, st):
+                continue
+            if set(os.listdir(path)) != names:
+                return f"entries were added to or removed from {shown}"
+        except OSError as exc:
+            return f"directory {shown} cannot be read: {exc.strerror}"
+        ledger.record(key, st)
+    return _check_files(root, snapshot, ledger, file_mode)
+
+
 def _expected_dirs(snapshot: Snapshot) -> dict[str, set[str]]:
     """Each directory of the set (``""`` is the top), with the names it holds."""
     children: dict[str, set[str]] = {"": set()}
@@ -179,6 +204,9 @@ class Publisher(Protocol):
 
     def verify(self, snapshot: Snapshot) -> str | None:
         """None when the destination holds ``snapshot`` intact; otherwise what differs, read from disk."""
+
+    def occupied(self) -> bool:
+        """True when the destination holds something an app may have read, whole or not."""
 
     def publish(self, snapshot: Snapshot, gate: Gate | None = None) -> bool:
         """Make ``snapshot`` live. Returns False, writing nothing, when it is already live and intact."""
@@ -269,19 +297,43 @@ def _replace_with_link(dest: Path, name: str, target: str) -> None:
         raise
 
 
+def _write_mark(dest: Path, name: str, version: str) -> None:
+    tmp = dest / f"{TMP_PREFIX}{name.lstrip('.')}-{os.getpid()}"
+    tmp.write_text(version + "\n", encoding="utf-8")
+    os.rename(tmp, dest / name)
+
+
+def _read_mark(dest: Path, name: str) -> str | None:
+    """A version recorded in ``dest/name``; never follows a link, never blocks on a FIFO."""
+    try:
+        data, _ = _read_nofollow(dest / name, 128)
+    except OSError:
+        return None
+    text = data.decode("ascii", "replace").strip()
+    return text if re.fullmatch(r"[0-9a-f]{64}", text) else None
+
+
 def mark_fallback(dest: Path, version: str) -> None:
     """Record that the live set, ``version``, is the baked-in fallback, for `watch` to report."""
-    tmp = dest / f"{TMP_PREFIX}fallback-{os.getpid()}"
-    tmp.write_text(version + "\n", encoding="utf-8")
-    os.rename(tmp, dest / FALLBACK)
+    _write_mark(dest, FALLBACK, version)
 
 
 def fallback_version(dest: Path) -> str | None:
     """The version recorded by :func:`mark_fallback`, if any."""
-    try:
-        return (dest / FALLBACK).read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
+    return _read_mark(dest, FALLBACK)
+
+
+def mark_told(dest: Path, version: str) -> None:
+    """Record that the app has been told of ``version`` (or started after it went live).
+
+    It outlives infantry, so a `watch` restarted between a publish and its reload still tells the app.
+    """
+    _write_mark(dest, TOLD, version)
+
+
+def told_version(dest: Path) -> str | None:
+    """The version recorded by :func:`mark_told`, if any."""
+    return _read_mark(dest, TOLD)
 
 
 def clear_fallback(dest: Path) -> None:
@@ -357,6 +409,10 @@ class KubeletPublisher:
         self._current_dir, self._current, self._ledger = name, snapshot, ledger
         self._dirs = _expected_dirs(snapshot) if snapshot is not None else {}
 
+    def occupied(self) -> bool:
+        """True when ``..data`` exists, even if what it points at is not a set infantry can use."""
+        return os.path.lexists(self.dest / DATA)
+
     @property
     def previous_version(self) -> str | None:
         """The version kept in ``..previous`` for rollback, if any."""
@@ -386,22 +442,7 @@ class KubeletPublisher:
                     return f"{printable(top)} was changed"
             except OSError:
                 return f"{printable(top)} is missing or not a link"
-        live = self.dest / self._current_dir
-        for rel, names in self._dirs.items():
-            path = live / rel if rel else live
-            key = f"{DATA}/{rel}"  # directories share the ledger under a name no file can have
-            try:
-                st = path.lstat()
-                if not stat.S_ISDIR(st.st_mode):
-                    return f"directory {printable(rel or '.')} was replaced"
-                if self._ledger.trusted(key, st):
-                    continue
-                if set(os.listdir(path)) != names:
-                    return f"entries were added to or removed from {printable(rel or '.')}"
-            except OSError as exc:
-                return f"directory {printable(rel or '.')} cannot be read: {exc.strerror}"
-            self._ledger.record(key, st)
-        return _check_files(live, snapshot, self._ledger, self._file_mode)
+        return _check_tree(self.dest / self._current_dir, snapshot, self._dirs, self._ledger, self._file_mode)
 
     def publish(self, snapshot: Snapshot, gate: Gate | None = None) -> bool:
         """Stage ``snapshot`` in a new directory, run the gate, then swap ``..data`` to it.
@@ -420,7 +461,7 @@ class KubeletPublisher:
             ledger = self._fill(staged, snapshot)
             if gate is not None:
                 gate(staged)
-                if _check_files(staged, snapshot, ledger, self._file_mode) is not None:
+                if _check_tree(staged, snapshot, _expected_dirs(snapshot), ledger, self._file_mode) is not None:
                     raise CheckFailed("the check command changed the staged set; a check may only read it")
             for top in sorted(snapshot.top_level()):
                 _replace_with_link(self.dest, top, f"{DATA}/{top}")
@@ -584,6 +625,10 @@ class DirectPublisher:
 
     previous_version = None
 
+    def occupied(self) -> bool:
+        """True when a set was published here before (its manifest exists)."""
+        return os.path.lexists(self.dest / MANIFEST)
+
     def _manifest(self) -> list[str]:
         try:
             listed = json.loads((self.dest / MANIFEST).read_text(encoding="utf-8"))
@@ -639,6 +684,19 @@ class DirectPublisher:
                 return directory.relative_to(self.dest).as_posix()
         return None
 
+    def _unlink_linked_dirs(self, paths: list[str]) -> None:
+        """Remove links that took the place of directories of the set; the link only, never its target."""
+        seen: set[Path] = set()
+        for rel in paths:
+            for directory in self._parents(rel):
+                if directory in seen:
+                    continue
+                seen.add(directory)
+                if directory.is_symlink():
+                    logger.warning("replacing %s, a link where infantry's directory was; its target is untouched",
+                                   directory)  # fmt: skip
+                    os.unlink(directory)
+
     def _safe_parent(self, rel: str) -> None:
         """Create the directories above ``rel`` inside the destination, refusing links on the way."""
         for directory in self._parents(rel):
@@ -673,17 +731,20 @@ class DirectPublisher:
             for path, entry in snapshot.files.items():
                 (staged / path).parent.mkdir(DIR_MODE, parents=True, exist_ok=True)
                 ledger.record(path, _write_new(staged / path, entry, self._file_mode))
+            dirs = _expected_dirs(snapshot)
+            for rel in dirs:
+                os.chmod(staged / rel if rel else staged, DIR_MODE)  # not narrowed by the umask
             if gate is not None:
                 gate(staged)
-                if _check_files(staged, snapshot, ledger, self._file_mode) is not None:
+                if _check_tree(staged, snapshot, dirs, ledger, self._file_mode) is not None:
                     raise CheckFailed("the check command changed the staged set; a check may only read it")
+            self._unlink_linked_dirs([*old, *snapshot.files])
             # Stale files go first, so a name that turns from a directory into a file (or back) is free.
             for path in sorted(set(old) - set(snapshot.files), reverse=True):
                 linked = self._linked_parent(path)
                 if linked is not None:
                     # Never remove through a link: what it points at is outside the destination.
-                    logger.warning("not removing %s: %s is not a plain directory", printable(path), printable(linked))
-                    continue
+                    raise PublishError(f"refusing to remove {printable(path)}: {printable(linked)} is not a directory")
                 _remove(self.dest / path)
                 self._prune(path)
             for path, entry in snapshot.files.items():

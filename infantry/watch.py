@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from infantry import threads
 from infantry.errors import CheckFailed, NotifyError, PublishError, SettingsError, SourceError, UnsafeDataError
 from infantry.health import Clock, HealthServer, Metrics, Report
 from infantry.notify import (
@@ -48,7 +49,16 @@ from infantry.notify import (
     Verifier,
 )
 from infantry.process import KILL_GRACE_SECONDS
-from infantry.publish import Gate, Publisher, clear_fallback, fallback_version, make_gate, make_publisher
+from infantry.publish import (
+    Gate,
+    Publisher,
+    clear_fallback,
+    fallback_version,
+    make_gate,
+    make_publisher,
+    mark_told,
+    told_version,
+)
 from infantry.retry import Backoff
 from infantry.settings import Settings, SourceSpec
 from infantry.snapshot import Part, Snapshot, merge
@@ -130,6 +140,7 @@ class Watcher:
         self._refusals: dict[str, str] = {}
         self._in_sync = False
         self._live: Snapshot | None = None
+        self._occupied = False
         self._desired: Snapshot | None = None
         self._merged_key: tuple[str, ...] = ()
         self._pending: _Pending | None = None
@@ -193,12 +204,20 @@ class Watcher:
         await self._blocking("tidying the destination", self._publisher.tidy)
         current = await self._blocking("reading the destination", self._publisher.current)
         self._live = current
+        self._occupied = await self._blocking("reading the destination", self._publisher.occupied)
         if current is not None:
             self.metrics.set_version(current.version, len(current.files))
             logger.info("destination holds %s (%d files)", current.short_version, len(current.files))
-            if fallback_version(self._publisher.dest) == current.version:
+            dest = self._publisher.dest
+            if await self._blocking("reading the destination", fallback_version, dest) == current.version:
                 self.metrics.fallback.set(1)
                 logger.warning("FALLBACK: the live set is the fallback install published; waiting for the store")
+            told = await self._blocking("reading the destination", told_version, dest)
+            if told is not None and told != current.version:
+                # An earlier watch published it and stopped before the app was told: tell it now.
+                logger.warning("the app was not told of %s before infantry stopped; telling it now",
+                               current.short_version)  # fmt: skip
+                self._pending = _Pending(current, verify=False, changed_at=None)
 
     # -- following the sources -------------------------------------------------------------------
 
@@ -296,8 +315,10 @@ class Watcher:
         try:
             desired = self._merged()
         except SettingsError as exc:
-            self._settle(refused=str(exc))  # nothing to retry until a source changes
-            return None
+            # Not a refusal of one version: no source can be followed until the clash is resolved.
+            self._desired = None
+            self._unsettled(str(exc))
+            return str(exc)
         target = desired
         refused = self._refusals.get(desired.version)
         if refused is not None:
@@ -307,7 +328,7 @@ class Watcher:
             target = self._live  # keep the last good set whole
         problem = await self._converge(target, changed_at, gate=self._gate)
         if problem is None:
-            self._settle(refused=refused)
+            self._settle(refused=self._refusals.get(desired.version))  # the check may just have refused it
             return None
         self._unsettled(problem)
         return problem
@@ -361,12 +382,17 @@ class Watcher:
         with contextlib.suppress(OSError):
             await self._blocking("clearing the fallback mark", clear_fallback, self._publisher.dest)
         logger.info("published %s (%d files)", target.short_version, len(target.files))
-        if previous is None:
+        if previous is None and not self._occupied:
             logger.info("first set in an empty destination; nobody to notify")
-            self._pending = None
+            self._occupied, self._pending = True, None
+            await self._record_told(target)
             await self._blocking("tidying the destination", self._publisher.tidy)
         else:
-            self._pending = _Pending(target, verify=self._verifier is not None, changed_at=changed_at)
+            # A repair restores a version the app was already told of and that already passed
+            # verification; it is announced again, but not judged again.
+            repair = previous is not None and previous.version == target.version
+            self._occupied = True
+            self._pending = _Pending(target, verify=self._verifier is not None and not repair, changed_at=changed_at)
         return None
 
     async def _tell(self, pending: _Pending) -> str | None:
@@ -391,11 +417,19 @@ class Watcher:
             self.metrics.propagation.observe(self._clock() - pending.changed_at)
             pending.changed_at = None
         self._pending = None
+        await self._record_told(pending.snapshot)
         if pending.verify and self._verifier is not None:
             return await self._verify(pending.snapshot)
         # Old snapshot directories go only now, so removing a large one never delays the reload.
         await self._blocking("tidying the destination", self._publisher.tidy)
         return None
+
+    async def _record_told(self, snapshot: Snapshot) -> None:
+        try:
+            await self._blocking("recording the reload", mark_told, self._publisher.dest, snapshot.version)
+        except (OSError, PublishError) as exc:
+            # Only a restart would miss it, and then the app would be told once more than needed.
+            logger.warning("could not record that the app was told of %s: %s", snapshot.short_version, exc)
 
     async def _verify(self, snapshot: Snapshot) -> str | None:
         assert self._verifier is not None
@@ -468,7 +502,7 @@ class Watcher:
             done, _ = await asyncio.wait({self._busy}, timeout=deadline)
             if not done:
                 raise _StepTimeout(f"{what}: an earlier call to the destination has not returned")
-        self._busy = asyncio.ensure_future(asyncio.to_thread(func, *args))
+        self._busy = threads.start(func, *args, name="infantry-destination")
         self._busy.add_done_callback(_consume)
         done, _ = await asyncio.wait({self._busy}, timeout=deadline)
         if not done:

@@ -139,12 +139,22 @@ def test_direct_layout_writes_plain_files_and_removes_stale_ones(tmp_path: Path)
     assert not DirectPublisher(dest, 0o644).publish(snap(a="1", c="3"))
 
 
-def test_direct_layout_refuses_to_write_through_a_linked_directory(tmp_path: Path) -> None:
+def test_direct_layout_never_writes_or_removes_through_a_linked_directory(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
+    (outside / "x").write_text("not infantry's")
+    (outside / "gone").write_text("not infantry's either")
     dest = tmp_path / "configs"
     dest.mkdir()
     (dest / "sub").symlink_to(outside)
-    with pytest.raises(PublishError, match="refusing to write through"):
-        DirectPublisher(dest, 0o644).publish(snap(sub__x="1"))
-    assert list(outside.iterdir()) == []
+    publisher = DirectPublisher(dest, 0o644)
+    assert publisher.publish(snap(sub__x="1", sub__gone="2"))
+    assert not (dest / "sub").is_symlink() and read_as_app(dest) == {"sub/x": "1", "sub/gone": "2"}
+    # A published directory replaced by a link later, then a file dropped from the set under it.
+    (dest / "sub").rename(tmp_path / "ours")
+    (dest / "sub").symlink_to(outside)
+    assert publisher.verify(snap(sub__x="1", sub__gone="2")) is not None
+    assert publisher.publish(snap(sub__x="1"))
+    assert read_as_app(dest) == {"sub/x": "1"}
+    assert sorted(p.name for p in outside.iterdir()) == ["gone", "x"]  # the link's target is untouched
+    assert (outside / "x").read_text() == "not infantry's"

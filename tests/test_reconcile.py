@@ -77,6 +77,9 @@ class FakePublisher:
     def current(self) -> Snapshot | None:
         return self.live
 
+    def occupied(self) -> bool:
+        return self.live is not None
+
     def verify(self, snapshot: Snapshot) -> str | None:
         if self.live is None or self.live.version != snapshot.version:
             return "another version"

@@ -17,6 +17,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from infantry import threads
 from infantry.errors import SettingsError, SourceError, UnsafeDataError
 from infantry.settings import SourceSpec
 from infantry.snapshot import Limits, Snapshot, SnapshotBuilder, printable
@@ -232,7 +233,7 @@ class FileSource:
 
     async def fetch(self) -> Snapshot:
         """Read the tree once."""
-        return await asyncio.to_thread(read_tree, self.root, self.name, self._limits)
+        return await threads.run(read_tree, self.root, self.name, self._limits)
 
     async def watch(self) -> AsyncIterator[Snapshot | None]:
         """The tree now, then again on each change that watchdog reports, or every interval.
@@ -318,4 +319,4 @@ def _observing(observer: BaseObserver, watched: _Watched) -> bool:
 async def _stop(observer: BaseObserver) -> None:
     observer.stop()
     if observer.is_alive():
-        await asyncio.to_thread(observer.join)
+        await threads.run(observer.join)
