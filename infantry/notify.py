@@ -17,6 +17,7 @@ import httpx
 from infantry.errors import NotifyError
 from infantry.process import run_command
 from infantry.retry import Backoff
+from infantry.secrets import read_small
 from infantry.snapshot import Snapshot
 from infantry.sources import redact_url
 
@@ -141,8 +142,7 @@ def read_pid_file(pid_file: Path) -> int:
     namespace (compose's ``pid: "service:app"``) the app itself is often PID 1.
     """
     try:
-        with pid_file.open("rb") as file:
-            raw = file.read(64)
+        raw = read_small(pid_file, 64)
     except OSError as exc:
         raise NotifyError(f"cannot read the PID file {pid_file}: {exc.strerror or exc}") from exc
     text = raw.decode("utf-8", "replace")

@@ -70,6 +70,13 @@ class SourceSpec(BaseModel):
     client_cert: Path | None = None
     client_key: Path | None = None
 
+    @field_validator("headers")
+    @classmethod
+    def _header_values(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            _check_header(name, text)
+        return value
+
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
@@ -219,9 +226,10 @@ class Settings(BaseSettings):
     @classmethod
     def _header_shape(cls, value: list[str]) -> list[str]:
         for line in value:
-            name, sep, _ = line.partition(":")
-            if not sep or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name.strip()):
-                raise ValueError(f"expected 'Name: value', got a header named {name.strip()!r}")
+            name, sep, text = line.partition(":")
+            if not sep:
+                raise ValueError("expected 'Name: value'")
+            _check_header(name.strip(), text.strip())
         return value
 
     @field_validator("file_mode", mode="before")
@@ -317,6 +325,14 @@ class Settings(BaseSettings):
             update["headers"] = {**common, **spec.headers}
             resolved.append(spec.model_copy(update=update))
         return resolved
+
+
+def _check_header(name: str, value: str) -> None:
+    """Refuse a header that cannot be sent; the value may be a secret, so it is never echoed."""
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+        raise ValueError(f"expected 'Name: value', got a header named {name[:40]!r}")
+    if not re.fullmatch(r"[\x20-\x7e\t]*", value):
+        raise ValueError(f"the value of header {name!r} holds a character that cannot be sent in HTTP")
 
 
 def _parse_header(line: str) -> tuple[str, str]:

@@ -643,6 +643,8 @@ class CuttableProxy:
         self._lock = threading.Lock()
         self._cut = False
         self._closed = False
+        self._frozen: set[socket.socket] = set()
+        self._last_request: dict[socket.socket, bytes] = {}
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -667,6 +669,11 @@ class CuttableProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if data.startswith((b"GET ", b"POST ", b"PUT ")):
+                    with self._lock:
+                        self._last_request[src] = data.split(b"\r\n", 1)[0]
+                while src in self._frozen and not self._closed:
+                    time.sleep(0.05)  # a stalled peer: the bytes are held, the connection stays open
                 dst.sendall(data)
         except OSError:
             pass
@@ -686,6 +693,15 @@ class CuttableProxy:
 
     def restore(self) -> None:
         self._cut = False
+
+    def freeze(self, request: bytes = b"") -> None:
+        """Stop forwarding, without closing, on the open connections whose latest request line holds
+        ``request`` (all of them by default); new connections work."""
+        with self._lock:
+            for i in range(0, len(self._open), 2):
+                client, upstream = self._open[i], self._open[i + 1]
+                if request in self._last_request.get(client, b""):
+                    self._frozen.update((client, upstream))
 
     def close(self) -> None:
         self._closed = True

@@ -99,6 +99,30 @@ def test_cut_connection_resumes_from_the_last_revision(
     assert "compacted" not in watch.log()
 
 
+def test_a_stalled_watch_stream_is_noticed_and_resumed(
+    etcd: Etcd, etcd_proxy: CuttableProxy, tmp_path: Path, watches: list[Watch]
+) -> None:
+    """A connection that stays open but delivers nothing: the probes see the store ahead, and resume."""
+    etcd.put("/app/a.yaml", "v: 1\n")
+    dest = tmp_path / "D"
+    url = f"etcd://127.0.0.1:{etcd_proxy.port}/app/"
+    watch = Watch(tmp_path, ["--source", url, "--dest", str(dest), "--interval", "0.3", "--stale-after", "30"])
+    watches.append(watch)
+    watch.wait_ready()
+    # Quiet-stream probes count as unchanged syncs: two of them mean the stream is open and answering.
+    wait_until("the watch stream to be open", lambda: watch.metric("infantry_syncs_total", result="unchanged") >= 2)
+    etcd_proxy.freeze(b"/v3/watch")  # the watch stream stops delivering; other requests still work
+    etcd.put("/app/a.yaml", "v: 2\n")
+    wait_until(
+        "the change, through a resumed stream",
+        lambda: read_as_app(dest) == {"a.yaml": "v: 2\n"},
+    )
+    assert "stopped delivering changes" in watch.log()
+    etcd.delete("/app/a.yaml")
+    etcd.put("/app/b.yaml", "b\n")
+    wait_until("later changes too", lambda: read_as_app(dest) == {"b.yaml": "b\n"})
+
+
 def test_compaction_while_disconnected_reads_everything_again(
     etcd: Etcd, etcd_proxy: CuttableProxy, tmp_path: Path, watches: list[Watch]
 ) -> None:

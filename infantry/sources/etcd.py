@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 
 from infantry.errors import SettingsError, SourceError, UnsafeDataError
+from infantry.secrets import read_secret
 from infantry.settings import SourceSpec
 from infantry.snapshot import Limits, Snapshot, SnapshotBuilder, printable
 from infantry.sources import redact_url
@@ -79,6 +80,7 @@ class EtcdSource:
         self._token: str | None = None
         self._kv: dict[bytes, bytes] | None = None
         self._revision = 0  # the revision self._kv reflects
+        self._behind = False  # the last quiet-stream probe found the store ahead of the stream
         # What the store's response headers said: a different cluster, or a revision going backwards,
         # means the store was rebuilt from scratch and self._kv describes a store that is gone.
         self._cluster_id: str | None = None
@@ -100,10 +102,7 @@ class EtcdSource:
             return
         password = ""
         if self._spec.password_file is not None:
-            try:
-                password = self._spec.password_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise SettingsError(f"password-file: cannot read {self._spec.password_file}: {exc.strerror}") from exc
+            password = read_secret(self._spec.password_file, "password-file")
         body = {"name": self._spec.username, "password": password}
         answer = await self._post("/v3/auth/authenticate", body, authenticate=False)
         token = answer.get("token")
@@ -376,6 +375,7 @@ class EtcdSource:
                         continue  # the rest of this response follows
                     revision = self._header_revision(result)
                     self._revision = max(self._revision, revision)
+                    self._behind = False
                     yield pending
                     pending = False
         except httpx.ReadTimeout as exc:
@@ -400,9 +400,34 @@ class EtcdSource:
             yield bytes(buffer)
 
     async def _probe(self) -> bool:
-        """A cheap round trip: count the keys under the prefix. True if the store was rebuilt meanwhile."""
-        body = {"key": _b64(self._prefix), "range_end": _b64(prefix_end(self._prefix)), "count_only": True}
-        return self._rebuilt(await self._post("/v3/kv/range", body))
+        """A cheap round trip while the stream is quiet; True if the store was rebuilt meanwhile.
+
+        It reads the count of keys under the prefix and the newest key's mod_revision (one key, no
+        value). If the store holds a change the stream has not delivered (a newer revision, or a
+        different number of keys) on two quiet intervals in a row, the stream is stalled: it is
+        broken off and resumed from the last revision applied, so a frozen connection cannot hold
+        the destination on old content while the probes keep health green.
+        """
+        body = {
+            "key": _b64(self._prefix),
+            "range_end": _b64(prefix_end(self._prefix)),
+            "limit": 1,
+            "sort_order": "DESCEND",
+            "sort_target": "MOD",
+            "keys_only": True,
+        }
+        answer = await self._post("/v3/kv/range", body)
+        if self._rebuilt(answer):
+            return True
+        items = answer.get("kvs", [])
+        newest = self._int(items[0], "mod_revision") if isinstance(items, list) and items else 0
+        count = self._int(answer, "count")
+        behind = newest > self._revision or (self._kv is not None and count != len(self._kv))
+        if behind and self._behind:
+            self._behind = False
+            raise self._error("the watch stream stopped delivering changes the store holds; resuming it")
+        self._behind = behind
+        return False
 
     def _apply(self, events: list[Any]) -> None:
         assert self._kv is not None

@@ -14,13 +14,13 @@ import random
 import ssl
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
 from infantry.archive import archive_kind, inflate_cap, unpack
 from infantry.errors import SettingsError, SourceError, UnsafeDataError
+from infantry.secrets import read_secret
 from infantry.settings import SourceSpec
 from infantry.snapshot import Limits, Snapshot, SnapshotBuilder, printable
 from infantry.sources import redact_url
@@ -66,13 +66,6 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
 
 
-def _read_secret(path: Path, what: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise SettingsError(f"{what}: cannot read {path}: {exc.strerror}") from exc
-
-
 class HttpSource:
     """One HTTP document, or an archive of many files, polled every interval with jitter."""
 
@@ -106,7 +99,7 @@ class HttpSource:
         headers = dict(self._spec.headers) if trusted else {}
         if trusted and self._spec.bearer_token_file is not None:
             # Read on every request, so a rotated token is picked up without a restart.
-            headers["Authorization"] = "Bearer " + _read_secret(self._spec.bearer_token_file, "bearer-token-file")
+            headers["Authorization"] = "Bearer " + read_secret(self._spec.bearer_token_file, "bearer-token-file")
         if self._last is not None:
             if self._etag:
                 headers["If-None-Match"] = self._etag
@@ -117,7 +110,7 @@ class HttpSource:
     def _auth(self) -> httpx.BasicAuth | None:
         if self._spec.username is None:
             return None
-        password = _read_secret(self._spec.password_file, "password-file") if self._spec.password_file else ""
+        password = read_secret(self._spec.password_file, "password-file") if self._spec.password_file else ""
         return httpx.BasicAuth(self._spec.username, password)
 
     async def poll(self) -> Snapshot | None:
