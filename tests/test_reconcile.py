@@ -384,3 +384,40 @@ def test_a_source_error_is_retried_and_the_source_reported_stale(tmp_path: Path)
         await h.finish()
 
     run(body)
+
+
+def test_readiness_is_false_as_soon_as_a_version_is_refused(tmp_path: Path) -> None:
+    def gate(staged: Path) -> None:
+        raise CheckFailed("check command 'lint' exited 1")
+
+    async def body() -> None:
+        publisher = FakePublisher(tmp_path, live=snap("good"))
+        h = Harness(tmp_path, publisher, gate=gate, interval=60)  # no resync to correct it later
+        h.source.queue.put_nowait(snap("good"))
+        await until("in sync", lambda: h.watcher.report().ready)
+        h.source.queue.put_nowait(snap("bad"))
+        await until("the refusal", lambda: h.watcher.report().status["refused"] is not None)
+        assert not h.watcher.report().ready
+        assert h.watcher.metrics.in_sync._value.get() == 0
+        await h.finish()
+
+    run(body)
+
+
+def test_a_repair_is_announced_but_not_verified_or_rolled_back(tmp_path: Path) -> None:
+    async def body() -> None:
+        publisher = FakePublisher(tmp_path, live=snap("v2"))
+        publisher.previous = snap("v1")
+        app = FakeNotifier()
+        verifier = FakeVerifier("HTTP 500")  # the app's health check happens to fail now
+        h = Harness(tmp_path, publisher, [app], verifier=verifier)
+        h.source.queue.put_nowait(snap("v2"))
+        await until("in sync", lambda: h.watcher.report().ready)
+        publisher.drift = "the mode of 'app.yaml' was changed"
+        await until("the repair, announced", lambda: app.calls == [snap("v2").version])
+        await until("in sync again", lambda: h.watcher.report().ready)
+        assert verifier.calls == 0 and publisher.rollbacks == 0
+        assert publisher.live == snap("v2") and h.watcher.report().status["refused"] is None
+        await h.finish()
+
+    run(body)

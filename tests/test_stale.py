@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import IN_CI, ReloadEndpoint, Watch, holds_for, read_as_app, wait_until
+from tests.support import IN_CI, Nginx, ReloadEndpoint, Watch, holds_for, infantry, read_as_app, wait_until
 
 STALE = "2"
 
@@ -196,3 +197,177 @@ def test_a_reload_that_keeps_failing_is_retried_and_fails_health(tmp_path: Path,
         assert log.count("matches the store again") == 1, log
     finally:
         endpoint.stop()
+
+
+def hook_that_fails_while(flag: Path, record: Path) -> str:
+    """An --exec hook that exits 1 while ``flag`` exists, and otherwise records the version it was told."""
+    return f"sh -c 'test -e {flag} && exit 1; echo $INFANTRY_VERSION >> {record}'"
+
+
+def test_a_reload_that_failed_before_a_restart_is_made_after_it(tmp_path: Path, watches: list[Watch]) -> None:
+    store = store_with(tmp_path, **{"app.yaml": "v: 1\n"})
+    dest = tmp_path / "D"
+    flag, record = tmp_path / "app-down", tmp_path / "told"
+    flag.touch()
+    hook = hook_that_fails_while(flag, record)
+    watch = start(tmp_path, watches, store, dest, "--exec", hook)
+    (store / "app.yaml").write_text("v: 2\n")
+    wait_until("v2 on disk", lambda: read_as_app(dest) == {"app.yaml": "v: 2\n"})
+    wait_until("the failed reload", lambda: watch.metric("infantry_reloads_total", method="exec", result="error") >= 1)
+    assert watch.stop()[0] == 0  # as the kubelet would, once /healthz has failed for long enough
+    flag.unlink()
+    again = start(tmp_path, watches, store, dest, "--exec", hook)
+    wait_until("the app to be told after the restart", lambda: record.exists() and record.read_text().strip() != "")
+    assert len(record.read_text().split()) == 1
+    wait_until("/readyz", lambda: again.get("/readyz")[0] == 200)
+    # Told once: a further restart tells nobody.
+    assert again.stop()[0] == 0
+    third = start(tmp_path, watches, store, dest, "--exec", hook)
+    assert holds_for(lambda: len(record.read_text().split()) == 1, 1.5)
+    assert third.get("/readyz")[0] == 200
+
+
+def test_a_destination_it_cannot_read_back_at_start_still_gets_the_app_told(
+    tmp_path: Path, watches: list[Watch]
+) -> None:
+    store = store_with(tmp_path, **{"app.yaml": "v: 1\n"})
+    dest = tmp_path / "D"
+    assert infantry("install", "--source", store.as_uri(), "--dest", str(dest)).returncode == 0
+    os.chmod(dest / os.readlink(dest / "..data") / "app.yaml", 0o600)  # not a mode infantry writes
+    (store / "app.yaml").write_text("v: 2\n")
+    record = tmp_path / "told"
+    start(tmp_path, watches, store, dest, "--exec", f"sh -c 'echo $INFANTRY_VERSION >> {record}'")
+    wait_until("v2", lambda: read_as_app(dest) == {"app.yaml": "v: 2\n"})
+    wait_until("the app told of it", lambda: record.exists() and record.read_text().strip() != "")
+
+
+def test_a_check_that_writes_into_the_staged_set_is_refused_not_looped(tmp_path: Path, watches: list[Watch]) -> None:
+    store = store_with(tmp_path, **{"app.yaml": "v: 1\n"})
+    dest = tmp_path / "D"
+    record = tmp_path / "told"
+    hook = f"sh -c 'echo $INFANTRY_VERSION >> {record}'"
+    check = "sh -c 'touch \"$0/.validated\"'"  # the staged directory is appended as the last argument
+    watch = start(tmp_path, watches, store, dest, "--exec", hook, "--check", "true")
+    watch.stop()
+    watch = start(tmp_path, watches, store, dest, "--exec", hook, "--check", check)
+    (store / "app.yaml").write_text("v: 2\n")
+    wait_until("the refusal", lambda: watch.metric("infantry_publishes_total", result="rejected") >= 1)
+    assert "a check may only read it" in watch.log()
+    assert holds_for(lambda: not record.exists() and read_as_app(dest) == {"app.yaml": "v: 1\n"}, 1.5)
+    assert watch.metric("infantry_publishes_total", result="rejected") == 1  # refused once, not in a loop
+    assert watch.get("/readyz")[0] == 503 and healthz(watch)[0] == 200
+
+
+def test_a_directory_whose_mode_was_changed_is_repaired(tmp_path: Path, watches: list[Watch]) -> None:
+    store = store_with(tmp_path)
+    (store / "conf.d").mkdir()
+    (store / "conf.d" / "a.conf").write_text("a\n")
+    dest = tmp_path / "D"
+    watch = start(tmp_path, watches, store, dest)
+    os.chmod(dest / os.readlink(dest / "..data") / "conf.d", 0o700)
+    wait_until("the repair", lambda: watch.metric("infantry_repairs_total") == 1)
+    assert (dest / "conf.d").stat().st_mode & 0o777 == 0o755
+
+
+def test_sources_that_clash_fail_health_until_the_clash_is_gone(tmp_path: Path, watches: list[Watch]) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    (first / "a.conf").write_text("a\n")
+    (second / "b.conf").write_text("b\n")
+    dest = tmp_path / "D"
+    watch = Watch(
+        tmp_path,
+        ["--source", first.as_uri(), "--source", second.as_uri(), "--dest", str(dest),
+         "--interval", "0.2", "--stale-after", STALE],
+    )  # fmt: skip
+    watches.append(watch)
+    watch.wait_ready()
+    (second / "a.conf").write_text("a from the second source\n")
+    (first / "a.conf").write_text("a, changed\n")
+    wait_until("/healthz to report the clash", lambda: healthz(watch)[0] == 503)
+    assert "both provide" in healthz(watch)[1]
+    assert read_as_app(dest) == {"a.conf": "a\n", "b.conf": "b\n"}
+    (second / "a.conf").unlink()
+    wait_until(
+        "the change held back by the clash", lambda: read_as_app(dest) == {"a.conf": "a, changed\n", "b.conf": "b\n"}
+    )
+    wait_until("/healthz to recover", lambda: healthz(watch)[0] == 200)
+
+
+def test_a_pid_file_that_is_a_fifo_blocks_nothing(tmp_path: Path, watches: list[Watch]) -> None:
+    store = store_with(tmp_path, **{"app.yaml": "v: 1\n"})
+    dest = tmp_path / "D"
+    pid_file = tmp_path / "app.pid"
+    os.mkfifo(pid_file)
+    watch = start(tmp_path, watches, store, dest, "--pid-file", str(pid_file))
+    (store / "app.yaml").write_text("v: 2\n")
+    wait_until(
+        "the failed signal", lambda: watch.metric("infantry_reloads_total", method="signal", result="error") >= 1
+    )
+    assert "not a regular file" in watch.log()
+    assert watch.get("/status")[0] == 200  # the event loop still answers
+    code, took = watch.stop(timeout=20)
+    assert code == 0 and took < 15
+
+
+def test_sigterm_stops_watch_even_while_the_destination_filesystem_is_frozen(
+    tmp_path: Path, watches: list[Watch]
+) -> None:
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("this test freezes a filesystem, which needs root (CI runs as root)")
+        pytest.skip("needs root to freeze a filesystem")
+    image, mount = tmp_path / "fs.img", tmp_path / "frozen"
+    mount.mkdir()
+    subprocess.run(["truncate", "-s", "16M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    frozen = False
+    try:
+        store = store_with(tmp_path, **{"app.yaml": "v: 1\n"})
+        dest = mount / "configs"
+        watch = start(tmp_path, watches, store, dest, "--publish-timeout", "2")
+        subprocess.run(["fsfreeze", "-f", str(mount)], check=True)
+        frozen = True
+        (store / "app.yaml").write_text("v: 2\n")
+        wait_until("/healthz to report the hung publish", lambda: healthz(watch)[0] == 503)
+        assert "did not finish" in healthz(watch)[1] or "has not returned" in healthz(watch)[1]
+        # The worker stuck in the kernel cannot be killed (the process cannot even finish exiting until
+        # the filesystem thaws), but watch itself stops at once and says so.
+        watch.proc.send_signal(signal.SIGTERM)
+        wait_until("watch to stop", lambda: "stopped" in watch.log())
+        subprocess.run(["fsfreeze", "-u", str(mount)], check=True)
+        frozen = False
+        assert watch.proc.wait(timeout=20) == 0
+    finally:
+        if frozen:
+            subprocess.run(["fsfreeze", "-u", str(mount)], check=False)
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("token", ["sesame\nSECRET-second-line\n", "sésame-SECRET\n"])
+def test_a_token_that_cannot_be_sent_is_reported_without_its_value(
+    token: str, nginx: Nginx, tmp_path: Path, watches: list[Watch]
+) -> None:
+    (nginx.root / "bearer").mkdir()
+    (nginx.root / "bearer" / "app.yaml").write_text("v: 1\n")
+    token_file = tmp_path / "token"
+    token_file.write_text("sesame\n")
+    dest = tmp_path / "D"
+    watch = Watch(
+        tmp_path,
+        ["--source", nginx.url("bearer/app.yaml"), "--dest", str(dest), "--interval", "0.2",
+         "--stale-after", STALE, "--bearer-token-file", str(token_file)],
+    )  # fmt: skip
+    watches.append(watch)
+    watch.wait_ready()
+    token_file.write_text(token)
+    wait_until("/healthz to report the token file", lambda: healthz(watch)[0] == 503)
+    assert "bearer-token-file" in healthz(watch)[1]
+    for shown in (healthz(watch)[1], watch.get("/status")[1], watch.log()):
+        assert "SECRET" not in shown and "sesame" not in shown
+    token_file.write_text("sesame\n")
+    (nginx.root / "bearer" / "app.yaml").write_text("v: 2, longer\n")
+    wait_until("the next version", lambda: read_as_app(dest) == {"app.yaml": "v: 2, longer\n"})
+    assert watch.proc.poll() is None
