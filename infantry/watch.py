@@ -200,6 +200,12 @@ class Watcher:
             await asyncio.wait(pending, timeout=1.0)
 
     async def _start(self) -> None:
+        try:
+            await self._read_destination()
+        except OSError as exc:
+            raise PublishError(f"cannot read the destination {self._publisher.dest}: {exc.strerror or exc}") from exc
+
+    async def _read_destination(self) -> None:
         # A publish killed half-way leaves temporary entries and unused snapshots; clear them first.
         await self._blocking("tidying the destination", self._publisher.tidy)
         current = await self._blocking("reading the destination", self._publisher.current)
@@ -356,6 +362,9 @@ class Watcher:
         except PublishError as exc:
             self.metrics.publishes.labels("timeout" if isinstance(exc, _StepTimeout) else "error").inc()
             return str(exc)
+        except OSError as exc:  # reading the destination back failed (an I/O error, a lost mount)
+            self.metrics.publishes.labels("error").inc()
+            return f"cannot read {self._publisher.dest}: {exc.strerror or exc}"
         if self._pending is not None:
             return await self._tell(self._pending)
         return None
