@@ -443,12 +443,11 @@ class Rig:
     def _start(self, kind: str) -> Callable[[], None]:
         if kind == "disk_full":
             ballast = self.mount / "ballast"
-            with ballast.open("wb") as out:
-                chunk = b"\0" * 65536
-                with contextlib.suppress(OSError):  # ENOSPC is the point
-                    while True:
-                        out.write(chunk)
-                        out.flush()
+            # Unbuffered, so the last partial write fails inside the loop, not when the file is closed.
+            with ballast.open("wb", buffering=0) as out, contextlib.suppress(OSError):  # ENOSPC is the point
+                chunk = b"\0" * 4096
+                while True:
+                    out.write(chunk)
             return ballast.unlink
         if kind == "store_restart":
             self.store.kill()
