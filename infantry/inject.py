@@ -217,7 +217,8 @@ def _with_probes(container: Json, options: InjectOptions, *, startup: bool) -> J
     container["ports"] = [{"name": "infantry-health", "containerPort": HEALTH_PORT}]
     container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": HEALTH_PORT}, "periodSeconds": 10,
                                   "failureThreshold": 6}  # fmt: skip
-    container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": HEALTH_PORT}, "periodSeconds": 5}
+    # No readinessProbe: a sidecar's readiness gates the pod's, and a change being published (or refused
+    # by the check) must not take a serving pod out of its Service. /readyz is for dashboards and alerts.
     if startup:
         check = f"import os, sys; sys.exit(not os.path.exists({options.mount_path + '/..data'!r}))"
         container["startupProbe"] = {"exec": {"command": ["python", "-c", check]}, "periodSeconds": 1,
