@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from infantry import threads
 from infantry.errors import NotifyError
 from infantry.process import run_command
 from infantry.retry import Backoff
@@ -281,7 +282,7 @@ class ExecNotifier:
     async def notify(self, snapshot: Snapshot) -> None:
         """Run the command; fail if it exits non-zero or runs out of time."""
         env = {**self._environ, "INFANTRY_VERSION": snapshot.version}
-        result = await asyncio.to_thread(run_command, self._argv, self._timeout, env)
+        result = await threads.run(run_command, self._argv, self._timeout, env)
         if not result.ok:
             raise NotifyError(f"reload command {self._argv[0]!r} {result.describe()}")
         logger.info("ran reload command %r", self._argv[0])
@@ -352,7 +353,7 @@ class CommandVerifier:
         problem = "did not run"
         failures = 0
         while (left := deadline - loop.time()) > 0:
-            result = await asyncio.to_thread(run_command, self._argv, left, self._environ)
+            result = await threads.run(run_command, self._argv, left, self._environ)
             if result.ok:
                 return None
             problem = result.describe()

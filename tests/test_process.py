@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from infantry import threads
 from infantry.errors import CheckFailed, NotifyError
 from infantry.notify import ExecNotifier
 from infantry.process import KILL_GRACE_SECONDS, CommandResult, run_command, start_reaper
@@ -108,7 +109,7 @@ def _rss_kib() -> int:
 
 
 def test_many_publishes_leak_no_descriptors_threads_or_memory(tmp_path: Path) -> None:
-    """Publish through the same paths watch uses (thread pool, check gate, exec hook), many times."""
+    """Publish through the same paths watch uses (a worker thread per call, check gate, exec hook), many times."""
     publisher = KubeletPublisher(tmp_path / "configs", 0o644)
     gate = make_gate("true", 10, dict(os.environ))
     hook = ExecNotifier("true", 10, dict(os.environ))
@@ -119,20 +120,24 @@ def test_many_publishes_leak_no_descriptors_threads_or_memory(tmp_path: Path) ->
             snapshot = Snapshot.of({"app.yaml": FileEntry(f"n: {i}\n".encode()), "conf/x": FileEntry(b"same")})
             if i % 10 == 0:
                 try:
-                    await asyncio.to_thread(publisher.publish, snapshot, refused)
+                    await threads.run(publisher.publish, snapshot, refused)
                 except CheckFailed:
                     pass
                 else:
                     raise AssertionError("the refusing gate let a set through")
                 continue
-            assert await asyncio.to_thread(publisher.publish, snapshot, gate)
+            assert await threads.run(publisher.publish, snapshot, gate)
             await hook.notify(snapshot)
-            await asyncio.to_thread(publisher.tidy)
+            await threads.run(publisher.tidy)
 
     async def run() -> tuple[int, int, int, int, int, int]:
-        await publish_many(30, 0)  # warm up: the thread pool, caches, allocator arenas
+        await publish_many(30, 0)  # warm up: caches, allocator arenas, the exec hook's thread pool
         before = _open_fds(), threading.active_count(), _rss_kib()
         await publish_many(LEAK_PUBLISHES, 30)
+        # A worker thread ends just after handing back its result: give the last ones a moment to go.
+        async with asyncio.timeout(20):
+            while threading.active_count() > before[1]:
+                await asyncio.sleep(0.01)
         return (*before, _open_fds(), threading.active_count(), _rss_kib())
 
     fds_before, threads_before, rss_before, fds_after, threads_after, rss_after = asyncio.run(run())

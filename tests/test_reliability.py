@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from infantry.publish import KubeletPublisher
+from infantry.publish import SNAPSHOT_DIR, KubeletPublisher
 from infantry.snapshot import FileEntry, Snapshot
 from tests.support import (
     HELPERS,
@@ -234,7 +234,7 @@ def test_watch_killed_50_times_during_changes_never_tears_and_converges(tmp_path
         wait_until("the store's last version", lambda: read_as_app(dest) == expected, timeout=20)
 
         def snapshot_dirs() -> list[str]:
-            return [n for n in os.listdir(dest) if n.startswith("..") and n not in ("..data", "..previous")]
+            return [n for n in os.listdir(dest) if SNAPSHOT_DIR.fullmatch(n)]
 
         # Old snapshots are removed just after each publish has been announced: wait for that.
         wait_until("the leftovers of the kills to be cleared", lambda: len(snapshot_dirs()) <= 2, timeout=20)

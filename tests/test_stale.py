@@ -284,10 +284,10 @@ def test_sources_that_clash_fail_health_until_the_clash_is_gone(tmp_path: Path, 
     watches.append(watch)
     watch.wait_ready()
     (second / "a.conf").write_text("a from the second source\n")
-    (first / "a.conf").write_text("a, changed\n")
     wait_until("/healthz to report the clash", lambda: healthz(watch)[0] == 503)
     assert "both provide" in healthz(watch)[1]
-    assert read_as_app(dest) == {"a.conf": "a\n", "b.conf": "b\n"}
+    (first / "a.conf").write_text("a, changed\n")
+    assert holds_for(lambda: read_as_app(dest) == {"a.conf": "a\n", "b.conf": "b\n"}, 1.0)  # held back
     (second / "a.conf").unlink()
     wait_until(
         "the change held back by the clash", lambda: read_as_app(dest) == {"a.conf": "a, changed\n", "b.conf": "b\n"}
