@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from infantry import threads
-from infantry.errors import CheckFailed, NotifyError
+from infantry.errors import NotifyError
 from infantry.notify import ExecNotifier
 from infantry.process import KILL_GRACE_SECONDS, CommandResult, run_command, start_reaper
-from infantry.publish import KubeletPublisher, make_gate
 from infantry.snapshot import FileEntry, Snapshot
 from tests.support import HELPERS, infantry, installed_store, wait_until
 
@@ -97,55 +95,22 @@ def test_exec_hook_timeout_is_a_notify_error() -> None:
     assert time.monotonic() - started < 8
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def _rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_many_publishes_leak_no_descriptors_threads_or_memory(tmp_path: Path) -> None:
-    """Publish through the same paths watch uses (a worker thread per call, check gate, exec hook), many times."""
-    publisher = KubeletPublisher(tmp_path / "configs", 0o644)
-    gate = make_gate("true", 10, dict(os.environ))
-    hook = ExecNotifier("true", 10, dict(os.environ))
-    refused = make_gate("false", 10, dict(os.environ))
-
-    async def publish_many(count: int, offset: int) -> None:
-        for i in range(offset, offset + count):
-            snapshot = Snapshot.of({"app.yaml": FileEntry(f"n: {i}\n".encode()), "conf/x": FileEntry(b"same")})
-            if i % 10 == 0:
-                try:
-                    await threads.run(publisher.publish, snapshot, refused)
-                except CheckFailed:
-                    pass
-                else:
-                    raise AssertionError("the refusing gate let a set through")
-                continue
-            assert await threads.run(publisher.publish, snapshot, gate)
-            await hook.notify(snapshot)
-            await threads.run(publisher.tidy)
-
-    async def run() -> tuple[int, int, int, int, int, int]:
-        await publish_many(30, 0)  # warm up: caches, allocator arenas, the exec hook's thread pool
-        before = _open_fds(), threading.active_count(), _rss_kib()
-        await publish_many(LEAK_PUBLISHES, 30)
-        # A worker thread ends just after handing back its result: give the last ones a moment to go.
-        async with asyncio.timeout(20):
-            while threading.active_count() > before[1]:
-                await asyncio.sleep(0.01)
-        return (*before, _open_fds(), threading.active_count(), _rss_kib())
-
-    fds_before, threads_before, rss_before, fds_after, threads_after, rss_after = asyncio.run(run())
-    assert fds_after == fds_before
-    assert threads_after <= threads_before
-    assert rss_after - rss_before < 8 * 1024, f"RSS grew by {rss_after - rss_before} KiB"
+    """Publish through the same paths watch uses (a worker thread per call, check gate, exec hook), many
+    times, in a process of its own (tests/helpers/leak_publishes.py)."""
+    dest = tmp_path / "configs"
+    run = subprocess.run(
+        [sys.executable, str(HELPERS / "leak_publishes.py"), str(dest), str(LEAK_PUBLISHES)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    before, after = report["before"], report["after"]
+    assert after["fds"] == before["fds"], report
+    assert after["threads"] <= before["threads"], report
+    assert after["rss"] - before["rss"] < 8 * 1024, f"RSS grew by {after['rss'] - before['rss']} KiB"
     assert my_zombies() == []
-    assert len([n for n in os.listdir(tmp_path / "configs") if n.startswith("..2")]) == 2
+    assert len([n for n in os.listdir(dest) if n.startswith("..2")]) == 2
 
 
 # -- bounded whatever the command does ---------------------------------------------------------------
