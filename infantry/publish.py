@@ -89,9 +89,9 @@ class Ledger:
     def __init__(self) -> None:
         self._seen: dict[str, tuple[Signature, bool]] = {}
 
-    def record(self, rel: str, st: os.stat_result) -> None:
+    def record(self, rel: str, st: os.stat_result, now_ns: int | None = None) -> None:
         """Remember ``rel`` as verified, with the stat taken when it was written or compared."""
-        racy = st.st_mtime_ns >= time.time_ns() - RACY_NS
+        racy = st.st_mtime_ns >= (now_ns if now_ns is not None else time.time_ns()) - RACY_NS
         self._seen[rel] = (_signature(st), racy)
 
     def unchanged(self, rel: str, st: os.stat_result) -> bool:
@@ -112,9 +112,9 @@ class Ledger:
             self._seen[rel] = (_signature(st), seen[1])
 
 
-def _read_nofollow(path: Path, limit: int = -1) -> tuple[bytes, os.stat_result]:
+def _read_nofollow(path: Path | str, limit: int = -1, dir_fd: int | None = None) -> tuple[bytes, os.stat_result]:
     """Up to ``limit`` bytes of a regular file, and its stat; never follows a link."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     with open(fd, "rb", closefd=True) as handle:
         st = os.fstat(handle.fileno())
         if not stat.S_ISREG(st.st_mode):
@@ -122,39 +122,50 @@ def _read_nofollow(path: Path, limit: int = -1) -> tuple[bytes, os.stat_result]:
         return handle.read(limit), st
 
 
-def _still_holds(ledger: Ledger, rel: str, path: Path, entry: FileEntry) -> bool:
-    """True when ``path`` still holds ``entry``: its stat is as recorded, and a file recorded too
-    recently to trust its stat is compared byte for byte."""
-    st = path.lstat()
+def _still_holds(ledger: Ledger, rel: str, dir_fd: int, entry: FileEntry) -> bool:
+    """True when ``rel`` (under ``dir_fd``) still holds ``entry``: its stat is as recorded, and a file
+    recorded too recently to trust its stat is compared byte for byte."""
+    st = os.stat(rel, dir_fd=dir_fd, follow_symlinks=False)
     if ledger.trusted(rel, st):
         return True
     if not ledger.unchanged(rel, st):
         return False
-    data, _ = _read_nofollow(path, len(entry.data) + 1)
+    data, _ = _read_nofollow(rel, len(entry.data) + 1, dir_fd=dir_fd)
     return data == entry.data
 
 
 def _check_files(root: Path, snapshot: Snapshot, ledger: Ledger, file_mode: int) -> str | None:
-    """Why the files under ``root`` differ from ``snapshot`` (content, type or mode), or None."""
-    for rel, entry in snapshot.files.items():
-        path = root / rel
-        try:
-            st = path.lstat()
-            if not stat.S_ISREG(st.st_mode):
-                return f"{printable(rel)} is no longer a regular file"
-            if stat.S_IMODE(st.st_mode) != _mode(entry, file_mode):
-                return f"the mode of {printable(rel)} was changed"
-            if ledger.trusted(rel, st):
-                continue
-            if st.st_size != len(entry.data):
+    """Why the files under ``root`` differ from ``snapshot`` (content, type or mode), or None.
+
+    The directories on the way were checked first (:func:`_check_tree`), so paths relative to the
+    root's descriptor meet no link but the file itself, which is never followed.
+    """
+    try:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"{root.name} cannot be read: {exc.strerror}"
+    now = time.time_ns()
+    try:
+        for rel, entry in snapshot.files.items():
+            try:
+                st = os.stat(rel, dir_fd=root_fd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    return f"{printable(rel)} is no longer a regular file"
+                if stat.S_IMODE(st.st_mode) != _mode(entry, file_mode):
+                    return f"the mode of {printable(rel)} was changed"
+                if ledger.trusted(rel, st):
+                    continue
+                if st.st_size != len(entry.data):
+                    return f"{printable(rel)} was changed"
+                data, st = _read_nofollow(rel, len(entry.data) + 1, dir_fd=root_fd)
+            except OSError as exc:
+                return f"{printable(rel)} cannot be read: {exc.strerror}"
+            if data != entry.data:
                 return f"{printable(rel)} was changed"
-            data, st = _read_nofollow(path, len(entry.data) + 1)
-        except OSError as exc:
-            return f"{printable(rel)} cannot be read: {exc.strerror}"
-        if data != entry.data:
-            return f"{printable(rel)} was changed"
-        ledger.record(rel, st)
-    return None
+            ledger.record(rel, st, now)
+        return None
+    finally:
+        os.close(root_fd)
 
 
 def _check_tree(
@@ -543,7 +554,7 @@ class KubeletPublisher:
         """
         old = self._current
         old_fd = None
-        old_dir = self.dest / (self._current_dir or "")
+        now = time.time_ns()
         if old is not None and self._current_dir is not None:
             with contextlib.suppress(OSError):
                 old_fd = os.open(self.dest / self._current_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -557,13 +568,14 @@ class KubeletPublisher:
                     self._make_dirs(new_fd, parent, made)
                 if old_fd is not None and old is not None and old.files.get(path) == entry:
                     try:
-                        if _still_holds(self._ledger, path, old_dir / path, entry):
+                        if _still_holds(self._ledger, path, old_fd, entry):
                             os.link(path, path, src_dir_fd=old_fd, dst_dir_fd=new_fd, follow_symlinks=False)
-                            ledger.record(path, os.stat(path, dir_fd=new_fd, follow_symlinks=False))
+                            # The link moved the inode's ctime: record the stat as it is now.
+                            ledger.record(path, os.stat(path, dir_fd=new_fd, follow_symlinks=False), now)
                             continue
                     except OSError:
                         pass  # a hard link is only a saving; write a copy instead
-                ledger.record(path, _write_new(staged / path, entry, self._file_mode))
+                ledger.record(path, _write_new(staged / path, entry, self._file_mode), now)
         finally:
             os.close(new_fd)
             if old_fd is not None:
@@ -604,10 +616,14 @@ class KubeletPublisher:
         if self._live_dir(PREVIOUS) is None and os.path.lexists(self.dest / PREVIOUS):
             os.unlink(self.dest / PREVIOUS)
         if removed and self._current is not None and self._current_dir is not None:
-            live = self.dest / self._current_dir
-            for rel in self._current.files:
-                with contextlib.suppress(OSError):
-                    self._ledger.rebase(rel, (live / rel).lstat())
+            with contextlib.suppress(OSError):
+                live_fd = os.open(self.dest / self._current_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    for rel in self._current.files:
+                        with contextlib.suppress(OSError):
+                            self._ledger.rebase(rel, os.stat(rel, dir_fd=live_fd, follow_symlinks=False))
+                finally:
+                    os.close(live_fd)
 
 
 class DirectPublisher:
@@ -747,12 +763,20 @@ class DirectPublisher:
                     raise PublishError(f"refusing to remove {printable(path)}: {printable(linked)} is not a directory")
                 _remove(self.dest / path)
                 self._prune(path)
-            for path, entry in snapshot.files.items():
+            dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                unchanged = set()
+                for path, entry in snapshot.files.items():
+                    with contextlib.suppress(OSError):
+                        if old.get(path) == entry and _still_holds(self._ledger, path, dest_fd, entry):
+                            ledger.record(path, os.stat(path, dir_fd=dest_fd, follow_symlinks=False))
+                            unchanged.add(path)
+            finally:
+                os.close(dest_fd)
+            for path in snapshot.files:
+                if path in unchanged:
+                    continue
                 target = self.dest / path
-                with contextlib.suppress(OSError):
-                    if old.get(path) == entry and _still_holds(self._ledger, path, target, entry):
-                        ledger.record(path, target.lstat())
-                        continue
                 self._safe_parent(path)
                 if target.is_dir() and not target.is_symlink():
                     raise PublishError(f"refusing to replace directory {target} with a file")
