@@ -139,6 +139,8 @@ class Watcher:
         self._refused: str | None = None
         self._refusals: dict[str, str] = {}
         self._in_sync = False
+        self._generation = 0  # changes delivered by the sources so far
+        self._step_generation = 0  # ... when the step under way began
         self._live: Snapshot | None = None
         self._occupied = False
         self._desired: Snapshot | None = None
@@ -241,6 +243,7 @@ class Watcher:
                     self.metrics.syncs.labels("changed").inc()
                     self._parts[index] = item
                     self._in_sync = False  # until a step has put it in place and told the app
+                    self._generation += 1
                     self.metrics.in_sync.set(0)
                     if self._changed_at is None:
                         self._changed_at = self._clock()
@@ -318,6 +321,7 @@ class Watcher:
     async def _step(self) -> str | None:
         """One reconcile: None when the destination is settled (in sync, or deliberately kept), or why not."""
         changed_at, self._changed_at = self._changed_at, None
+        self._step_generation = self._generation
         try:
             desired = self._merged()
         except SettingsError as exc:
@@ -482,12 +486,14 @@ class Watcher:
 
     def _settle(self, refused: str | None) -> None:
         """The step is done: in sync with the store, or deliberately kept on the last good set."""
-        in_sync = refused is None and self._pending is None
+        newer = self._generation != self._step_generation  # a change arrived while the step ran
+        in_sync = refused is None and self._pending is None and not newer
         if self._logged is not None:
             logger.info("the destination matches the store again")
         if refused is not None and refused != self._refused:
             logger.warning("keeping the last good set: %s", refused)
-        self._refused, self._problem, self._out_since, self._in_sync = refused, None, None, in_sync
+        out_since = (self._changed_at or self._clock()) if newer else None
+        self._refused, self._problem, self._out_since, self._in_sync = refused, None, out_since, in_sync
         self._logged = None
         self.metrics.in_sync.set(1 if in_sync else 0)
 
