@@ -363,14 +363,14 @@ class Watcher:
                 problem = await self._publish(target, drift, changed_at, gate)
                 if problem is not None:
                     return problem
-        except PublishError as exc:
+            if self._pending is not None:
+                return await self._tell(self._pending)
+        except PublishError as exc:  # including a call to the destination past its deadline
             self.metrics.publishes.labels("timeout" if isinstance(exc, _StepTimeout) else "error").inc()
             return str(exc)
         except OSError as exc:  # reading the destination back failed (an I/O error, a lost mount)
             self.metrics.publishes.labels("error").inc()
             return f"cannot read {self._publisher.dest}: {exc.strerror or exc}"
-        if self._pending is not None:
-            return await self._tell(self._pending)
         return None
 
     async def _publish(self, target: Snapshot, drift: str, changed_at: float | None, gate: Gate | None) -> str | None:
@@ -392,7 +392,7 @@ class Watcher:
         self.metrics.publishes.labels("published").inc()
         self.metrics.set_version(target.version, len(target.files))
         self.metrics.fallback.set(0)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, PublishError):
             await self._blocking("clearing the fallback mark", clear_fallback, self._publisher.dest)
         logger.info("published %s (%d files)", target.short_version, len(target.files))
         if previous is None and not self._occupied:

@@ -8,6 +8,7 @@ report health by the clock, and die loudly on a bug.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -418,6 +419,36 @@ def test_a_repair_is_announced_but_not_verified_or_rolled_back(tmp_path: Path) -
         await until("in sync again", lambda: h.watcher.report().ready)
         assert verifier.calls == 0 and publisher.rollbacks == 0
         assert publisher.live == snap("v2") and h.watcher.report().status["refused"] is None
+        await h.finish()
+
+    run(body)
+
+
+def test_a_call_to_the_destination_past_its_deadline_is_a_failed_step_not_a_crash(tmp_path: Path) -> None:
+    async def body() -> None:
+        publisher = FakePublisher(tmp_path, live=snap("v1"))
+        release = threading.Event()
+        hung = {"tidy": False}
+
+        def tidy() -> None:
+            if hung["tidy"]:
+                release.wait(DEADLINE)  # a filesystem that hangs, until the test lets it go
+
+        publisher.tidy = tidy  # type: ignore[method-assign]
+        app = FakeNotifier()
+        h = Harness(tmp_path, publisher, [app], publish_timeout=0.2)
+        h.source.queue.put_nowait(snap("v1"))
+        await until("in sync", lambda: h.watcher.report().ready)
+        hung["tidy"] = True
+        h.source.queue.put_nowait(snap("v2"))
+        await until(
+            "the hung call to be reported", lambda: "did not finish" in (h.watcher.report().status["problem"] or "")
+        )
+        assert not h.task.done()  # still running
+        hung["tidy"] = False
+        release.set()
+        await until("in sync once the filesystem answers", lambda: h.watcher.report().ready)
+        assert app.calls == [snap("v2").version]  # told once, although the step after it failed
         await h.finish()
 
     run(body)
