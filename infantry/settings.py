@@ -161,7 +161,7 @@ class Settings(BaseSettings):
     verify_timeout: float = Field(10.0, gt=0, description="Seconds the app has to pass verification after a reload.")
     exec: str | None = Field(None, description="Command run on reload (no shell).")
     exec_timeout: float = Field(30.0, gt=0, description="Seconds the reload command may take.")
-    listen: str | None = Field(None, description="`HOST:PORT` serving `/healthz`, `/readyz` and `/metrics`.")
+    listen: str | None = Field(None, description="`HOST:PORT` serving `/healthz`, `/readyz`, `/status` and `/metrics`.")
     header: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Extra HTTP header `Name: value` for every source; repeatable."
     )
