@@ -331,8 +331,14 @@ def test_sigterm_stops_watch_even_while_the_destination_filesystem_is_frozen(
         subprocess.run(["fsfreeze", "-f", str(mount)], check=True)
         frozen = True
         (store / "app.yaml").write_text("v: 2\n")
-        wait_until("/healthz to report the hung publish", lambda: healthz(watch)[0] == 503)
-        assert "did not finish" in healthz(watch)[1] or "has not returned" in healthz(watch)[1]
+
+        # 503 comes first for being out of step; the reason follows once the step's deadline has passed.
+        def reports_the_hang() -> bool:
+            body = healthz(watch)[1]
+            return "did not finish" in body or "has not returned" in body
+
+        wait_until("/healthz to report the hung publish", reports_the_hang)
+        assert healthz(watch)[0] == 503
         # The worker stuck in the kernel cannot be killed (the process cannot even finish exiting until
         # the filesystem thaws), but watch itself stops at once and says so.
         watch.proc.send_signal(signal.SIGTERM)
