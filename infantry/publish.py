@@ -480,6 +480,7 @@ class KubeletPublisher:
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 shutil.rmtree(staged)
+            self._rebase_live()  # the links made into the staged set, now gone, moved live ctimes
             if isinstance(exc, OSError):
                 raise PublishError(f"cannot publish into {self.dest}: {exc}") from exc
             raise
@@ -615,15 +616,21 @@ class KubeletPublisher:
                 removed = True
         if self._live_dir(PREVIOUS) is None and os.path.lexists(self.dest / PREVIOUS):
             os.unlink(self.dest / PREVIOUS)
-        if removed and self._current is not None and self._current_dir is not None:
-            with contextlib.suppress(OSError):
-                live_fd = os.open(self.dest / self._current_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    for rel in self._current.files:
-                        with contextlib.suppress(OSError):
-                            self._ledger.rebase(rel, os.stat(rel, dir_fd=live_fd, follow_symlinks=False))
-                finally:
-                    os.close(live_fd)
+        if removed:
+            self._rebase_live()
+
+    def _rebase_live(self) -> None:
+        """Take in the ctimes that infantry's own links and removals moved in the live snapshot."""
+        if self._current is None or self._current_dir is None:
+            return
+        with contextlib.suppress(OSError):
+            live_fd = os.open(self.dest / self._current_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for rel in self._current.files:
+                    with contextlib.suppress(OSError):
+                        self._ledger.rebase(rel, os.stat(rel, dir_fd=live_fd, follow_symlinks=False))
+            finally:
+                os.close(live_fd)
 
 
 class DirectPublisher:
