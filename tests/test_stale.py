@@ -251,8 +251,8 @@ def test_a_check_that_writes_into_the_staged_set_is_refused_not_looped(tmp_path:
     watch.stop()
     watch = start(tmp_path, watches, store, dest, "--exec", hook, "--check", check)
     (store / "app.yaml").write_text("v: 2\n")
-    wait_until("the refusal", lambda: watch.metric("infantry_publishes_total", result="rejected") >= 1)
-    assert "a check may only read it" in watch.log()
+    wait_until("the refusal, logged", lambda: "a check may only read it" in watch.log())
+    assert watch.metric("infantry_publishes_total", result="rejected") >= 1
     assert holds_for(lambda: not record.exists() and read_as_app(dest) == {"app.yaml": "v: 1\n"}, 1.5)
     assert watch.metric("infantry_publishes_total", result="rejected") == 1  # refused once, not in a loop
     assert watch.get("/readyz")[0] == 503 and healthz(watch)[0] == 200
@@ -265,8 +265,8 @@ def test_a_directory_whose_mode_was_changed_is_repaired(tmp_path: Path, watches:
     dest = tmp_path / "D"
     watch = start(tmp_path, watches, store, dest)
     os.chmod(dest / os.readlink(dest / "..data") / "conf.d", 0o700)
-    wait_until("the repair", lambda: watch.metric("infantry_repairs_total") == 1)
-    assert (dest / "conf.d").stat().st_mode & 0o777 == 0o755
+    wait_until("the repair", lambda: (dest / "conf.d").stat().st_mode & 0o777 == 0o755)
+    assert watch.metric("infantry_repairs_total") == 1
 
 
 def test_sources_that_clash_fail_health_until_the_clash_is_gone(tmp_path: Path, watches: list[Watch]) -> None:
@@ -302,10 +302,8 @@ def test_a_pid_file_that_is_a_fifo_blocks_nothing(tmp_path: Path, watches: list[
     os.mkfifo(pid_file)
     watch = start(tmp_path, watches, store, dest, "--pid-file", str(pid_file))
     (store / "app.yaml").write_text("v: 2\n")
-    wait_until(
-        "the failed signal", lambda: watch.metric("infantry_reloads_total", method="signal", result="error") >= 1
-    )
-    assert "not a regular file" in watch.log()
+    wait_until("the failed signal, logged", lambda: "not a regular file" in watch.log())
+    assert watch.metric("infantry_reloads_total", method="signal", result="error") >= 1
     assert watch.get("/status")[0] == 200  # the event loop still answers
     code, took = watch.stop(timeout=20)
     assert code == 0 and took < 15
