@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,7 +76,6 @@ class Metrics:
             "1 while the destination holds the store's current content and the app was told of it.",
             registry=self.registry,
         )
-        self.healthy = Gauge("infantry_healthy", "1 while /healthz answers 200.", registry=self.registry)
         self.repairs = Counter(
             "infantry_repairs",
             "Publishes that restored a destination changed behind infantry's back.",
@@ -172,8 +170,3 @@ class HealthServer:
 
 _TEXT = "text/plain; charset=utf-8"
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 503: b"Service Unavailable"}
-
-
-def now_wall() -> float:
-    """The wall clock, for timestamps shown to people."""
-    return time.time()

@@ -150,11 +150,6 @@ class Watcher:
         self._dead: str | None = None
         self._logged: str | None = None
 
-    @property
-    def source_names(self) -> list[str]:
-        """The sources' names as logs show them (no passwords or query strings)."""
-        return [state.name for state in self._states]
-
     # -- running ---------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, server: HealthServer | None = None) -> None:
