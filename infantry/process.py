@@ -4,7 +4,8 @@ Two promises are kept here:
 
 - :func:`run_command` returns within ``timeout + KILL_GRACE_SECONDS + ~1 s`` whatever the command and
   its descendants do: it waits for the command's own exit, not for its stderr to close, and keeps only
-  the last few KB of what it wrote.
+  the last :data:`STDERR_TAIL_BYTES` of what it wrote, reading in bounded chunks, so a hook that writes
+  gigabytes costs no more memory than one that writes a line.
 - When infantry runs as PID 1 (a container with no init), :func:`start_reaper` reaps the orphans the
   kernel hands to it, without ever taking the exit status of a command :func:`run_command` waits for.
 
@@ -34,8 +35,11 @@ KILL_GRACE_SECONDS = 2.0
 DRAIN_SECONDS = 0.1
 # How long the leader may take to be reaped after SIGKILL (only a process stuck in the kernel is slower).
 _REAP_SECONDS = 0.5
-_TAIL_BYTES = 4096
-_READ_CHUNK = 65536
+# What is kept of a command's stderr: enough for a validator's full report, small beside the pod's
+# memory limit. Only the end of the last line of it goes into a log line (MESSAGE_CHARS).
+STDERR_TAIL_BYTES = 64 * 1024
+MESSAGE_CHARS = 200
+_READ_CHUNK = 64 * 1024
 
 # Guards spawn+register in run_command and scan+reap in the reaper, so that the reaper never sees a
 # child of run_command that is not yet registered, and never reaps one that is.
@@ -45,11 +49,12 @@ _owned: set[int] = set()
 
 @dataclass(frozen=True)
 class CommandResult:
-    """How a command ended, with the last line of what it wrote to stderr."""
+    """How a command ended: its exit, the end of its last stderr line, and the last 64 KiB of stderr."""
 
     returncode: int | None
     timed_out: bool
     stderr_tail: str
+    stderr: bytes = b""
 
     @property
     def ok(self) -> bool:
@@ -90,9 +95,9 @@ def run_command(argv: Sequence[str], timeout: float, env: Mapping[str, str]) -> 
         with _Watcher(proc) as watcher:
             if watcher.wait_exit(time.monotonic() + timeout):
                 watcher.drain(time.monotonic() + DRAIN_SECONDS)
-                return CommandResult(proc.returncode, False, watcher.tail())
+                return CommandResult(proc.returncode, False, watcher.tail(), watcher.kept())
             _kill_group(proc, watcher)
-            return CommandResult(proc.returncode, True, "")
+            return CommandResult(proc.returncode, True, "", watcher.kept())
     except BaseException:
         _kill_group(proc, None)
         raise
@@ -147,10 +152,20 @@ class _Watcher:
             if not self._select(left):
                 return
 
+    def kept(self) -> bytes:
+        """The last ``STDERR_TAIL_BYTES`` of what the command wrote to stderr."""
+        return bytes(self._buffer)
+
     def tail(self) -> str:
-        """The last line of what the command wrote to stderr, shortened for a log line."""
+        """The last line of what the command wrote to stderr, shortened for a log line.
+
+        A long line is cut at its start, not its end: a validator's verdict comes last.
+        """
         lines = self._buffer.decode("utf-8", "replace").strip().splitlines()
-        return lines[-1][:200] if lines else ""
+        if not lines:
+            return ""
+        last = lines[-1].strip()
+        return last if len(last) <= MESSAGE_CHARS else "..." + last[-(MESSAGE_CHARS - 3) :]
 
     def _select(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for an event and handle it; False when nothing happened."""
@@ -171,7 +186,8 @@ class _Watcher:
             self._stderr = None
             return
         self._buffer += chunk
-        del self._buffer[:-_TAIL_BYTES]
+        # Never more than STDERR_TAIL_BYTES + one chunk is held, however much the command writes.
+        del self._buffer[:-STDERR_TAIL_BYTES]
 
 
 def _kill_group(proc: subprocess.Popen[bytes], watcher: _Watcher | None) -> None:

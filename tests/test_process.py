@@ -17,7 +17,14 @@ import pytest
 
 from infantry.errors import NotifyError
 from infantry.notify import ExecNotifier
-from infantry.process import KILL_GRACE_SECONDS, CommandResult, run_command, start_reaper
+from infantry.process import (
+    KILL_GRACE_SECONDS,
+    MESSAGE_CHARS,
+    STDERR_TAIL_BYTES,
+    CommandResult,
+    run_command,
+    start_reaper,
+)
 from infantry.snapshot import FileEntry, Snapshot
 from tests.support import HELPERS, infantry, installed_store, wait_until
 
@@ -207,6 +214,55 @@ def test_300_mb_on_stderr_keeps_memory_bounded() -> None:
     assert returncode == "3"
     assert tail == "last words"
     assert int(grown_kib) < 16 * 1024, f"peak RSS grew by {grown_kib} KiB reading 300 MB of stderr"
+
+
+def test_the_last_64_kib_of_stderr_are_kept_and_the_message_shows_the_end_of_the_last_line() -> None:
+    # 100 KiB of numbered lines, then a last line longer than a log line should be.
+    script = (
+        'i=0; while [ $i -lt 20000 ]; do echo "line $i"; i=$((i+1)); done >&2; '
+        "printf '%0500d verdict: key x is missing\\n' 0 >&2; exit 2"
+    )
+    expected = "".join(f"line {i}\n" for i in range(20000)).encode() + b"0" * 500 + b" verdict: key x is missing\n"
+    result = run_command(["sh", "-c", script], 60, dict(os.environ))
+    assert result.returncode == 2
+    assert len(expected) > 2 * STDERR_TAIL_BYTES
+    assert result.stderr == expected[-STDERR_TAIL_BYTES:]
+    assert result.stderr_tail.endswith("0 verdict: key x is missing") and result.stderr_tail.startswith("...")
+    assert len(result.stderr_tail) == MESSAGE_CHARS
+
+
+# Runs one command and reports, as JSON, how it ended and the peak RSS of every process it waited for
+# (infantry, and the check command infantry waited for): ru_maxrss of RUSAGE_CHILDREN is that peak.
+PEAK_RSS_WRAPPER = """
+import json, resource, subprocess, sys
+run = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=300)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"code": run.returncode, "stderr": run.stderr, "peak_kib": peak}))
+"""
+
+
+def test_a_check_writing_300_mb_to_stderr_is_exit_4_with_a_short_message_in_bounded_memory(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "app.yaml").write_text("a: 1\n")
+    check = tmp_path / "flooding-check"
+    # One 300 MB line with the verdict at its very end, as a validator dumping its input might write.
+    check.write_text("#!/bin/sh\nhead -c 300000000 /dev/zero | tr '\\0' x >&2\necho 'rejected: line 3' >&2\nexit 1\n")
+    check.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFANTRY_")}
+    argv = [sys.executable, "-m", "infantry", "install", "--source", store.as_uri(), "--dest", str(tmp_path / "D"),
+            "--check", str(check), "--check-timeout", "240"]  # fmt: skip
+    wrapper = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_WRAPPER, *argv], capture_output=True, text=True, timeout=320, env=env
+    )
+    assert wrapper.returncode == 0, wrapper.stderr
+    report = json.loads(wrapper.stdout)
+    assert report["code"] == 4, report["stderr"][-2000:]
+    message = report["stderr"].strip().splitlines()
+    assert len(message) == 1 and len(message[0]) < 400, report["stderr"][-2000:]
+    assert message[0].endswith("xxx" + "rejected: line 3"), message[0]
+    assert report["peak_kib"] < 128 * 1024, f"peak RSS {report['peak_kib']} KiB"
+    assert not (tmp_path / "D" / "..data").exists()
 
 
 # -- the reaper, when infantry is PID 1 --------------------------------------------------------------
