@@ -1,8 +1,10 @@
 """Health, readiness, status and Prometheus metrics for ``watch --listen``.
 
 The server is a small asyncio HTTP/1.0 responder that runs in ``watch``'s task group: each request
-must arrive whole within a few seconds and under a size cap, and only so many connections are served at
-once, so slow or idle clients cannot pile up threads or memory.
+must arrive whole within a few seconds and under a size cap, and only so many connections are held at
+once, so slow or idle clients cannot pile up threads, descriptors or memory. When the cap is reached, the
+connection that has waited longest for its request is dropped to make room (see :meth:`_admit`), so a
+probe is still answered while idle clients hold every slot.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ Clock = Callable[[], float]
 REQUEST_TIMEOUT_SECONDS = 5.0
 MAX_REQUEST_BYTES = 8192
 MAX_CONNECTIONS = 32
+# Connections the kernel holds before infantry accepts them: not open descriptors of infantry's, and
+# room for a burst, so that a probe's connection is not dropped while the loop catches up.
+BACKLOG = 128
 
 
 class Metrics:
@@ -112,36 +117,81 @@ class HealthServer:
         self._socket = socket.create_server((host, port), reuse_port=False)
         self._report = report
         self._metrics = metrics
-        self._active = 0
+        # Every open connection, oldest first; True while its request head has not arrived whole.
+        self._open: dict[asyncio.StreamWriter, bool] = {}
 
     async def serve(self) -> None:
-        """Serve until cancelled, then close the socket."""
-        server = await asyncio.start_server(self._handle, sock=self._socket, limit=MAX_REQUEST_BYTES)
-        async with server:
-            await server.serve_forever()
+        """Serve until cancelled, then close the socket.
+
+        Connections are accepted one at a time and admitted (or another dropped) before the next is
+        accepted, so no more than MAX_CONNECTIONS + 1 sockets are ever open, whatever the clients do;
+        asyncio's own server accepts a whole backlog before any of it can be turned away.
+        """
+        loop = asyncio.get_running_loop()
+        self._socket.setblocking(False)
+        self._socket.listen(BACKLOG)
+        try:
+            async with asyncio.TaskGroup() as group:
+                while True:
+                    conn, _ = await loop.sock_accept(self._socket)
+                    try:
+                        reader, writer = await asyncio.open_connection(sock=conn, limit=MAX_REQUEST_BYTES)
+                    except OSError:
+                        conn.close()  # reset before it could be set up
+                        continue
+                    if self._admit(writer):
+                        group.create_task(self._handle(reader, writer))
+                    else:
+                        writer.transport.abort()
+        finally:
+            self._socket.close()
 
     def close(self) -> None:
         """Close the listening socket (when serve() never ran)."""
         self._socket.close()
 
+    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+        """Make room for a new connection under MAX_CONNECTIONS; False if there is none to make.
+
+        Refusing newcomers at the cap would let 32 idle clients, renewed every few seconds, starve the
+        kubelet's probe, which fails the pod although nothing is wrong with it. Dropping the connection
+        that has waited longest for its request instead costs a real client nothing: a probe sends its
+        whole request at once and is answered within milliseconds, long before 32 newer connections can
+        push it out, while an idle client is the one that has been waiting. Connections whose request
+        arrived are being answered and are never dropped; if all of them are, the newcomer is refused.
+        """
+        if len(self._open) >= MAX_CONNECTIONS:
+            oldest = next((w for w, waiting in self._open.items() if waiting), None)
+            if oldest is None:
+                return False
+            del self._open[oldest]
+            oldest.transport.abort()  # its handler reads EOF and ends
+        self._open[writer] = True
+        return True
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._active >= MAX_CONNECTIONS:
-            writer.close()
-            return
-        self._active += 1
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT_SECONDS):
-                head = await reader.readuntil(b"\r\n\r\n")
-                status, body, content_type = self._answer(head.split(b"\r\n", 1)[0])
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.LimitOverrunError:
+                    status, body, content_type = 431, b"request header too large\n", _TEXT
+                else:
+                    status, body, content_type = self._answer(head.split(b"\r\n", 1)[0])
+                if writer in self._open:
+                    self._open[writer] = False
                 writer.write(
                     b"HTTP/1.0 %d %s\r\nServer: infantry\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
                     b"Connection: close\r\n\r\n" % (status, _REASONS[status], content_type.encode(), len(body)) + body
                 )
                 await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass  # a slow, oversize or vanished client gets nothing more
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass  # a slow, dropped or vanished client gets nothing more
+        except Exception:
+            # A bug in answering one request must not take the listener (and so watch) down with it.
+            logger.exception("the health server failed to answer a request")
         finally:
-            self._active -= 1
+            self._open.pop(writer, None)
             writer.close()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1):
@@ -169,4 +219,10 @@ class HealthServer:
 
 
 _TEXT = "text/plain; charset=utf-8"
-_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 503: b"Service Unavailable"}
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
