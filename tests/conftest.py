@@ -10,6 +10,9 @@ from hypothesis import HealthCheck, settings
 
 from tests.support import CuttableProxy, Etcd, Nginx, ReloadEndpoint, SignalRecorder, TlsFiles, Watch, free_port
 
+# secret_guard fails the session if a test secret appears in any test's output; pytester tests it.
+pytest_plugins = ["pytester", "tests.secret_guard"]
+
 # Hypothesis's default 200 ms deadline per example and its too_slow check measure the machine, not the
 # code: on a busy CI machine they fail examples that are correct. The pytest timeout still bounds a hang.
 settings.register_profile("infantry", deadline=None, suppress_health_check=[HealthCheck.too_slow])
