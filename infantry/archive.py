@@ -1,19 +1,25 @@
-"""Unpacking tar, tar.gz and zip bodies into a SnapshotBuilder, enforcing limits while streaming."""
+"""Unpacking tar, tar.gz and zip bodies into a SnapshotBuilder, enforcing limits while streaming.
+
+The body is read from a file (the spool) and each member is streamed into the builder, so neither the
+archive nor its members are ever held in memory whole. A zip's central directory is counted from its
+end record before it is parsed, so a directory of millions of entries is refused unread.
+"""
 
 from __future__ import annotations
 
 import gzip
 import io
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
-from infantry.snapshot import Limits, SnapshotBuilder, printable
+from infantry.snapshot import FileEntry, Limits, SnapshotBuilder, printable
+from infantry.spool import Blob
 
 ArchiveKind = Literal["tar", "tar.gz", "zip"]
-_CHUNK = 1 << 16
 
 
 def archive_kind(name: str) -> ArchiveKind | None:
@@ -65,13 +71,15 @@ class _CappedReader(io.RawIOBase):
         return len(data)
 
 
-def unpack(kind: ArchiveKind, body: bytes, builder: SnapshotBuilder) -> None:
+def unpack(kind: ArchiveKind, body: FileEntry, builder: SnapshotBuilder) -> None:
     """Add every regular file in the archive to ``builder``; refuse links, devices and bad data."""
+    content = body.content
     try:
-        if kind == "zip":
-            _unpack_zip(body, builder)
-        else:
-            _unpack_tar(kind, body, builder)
+        with content.open() if isinstance(content, Blob) else io.BytesIO(body.data) as stream:
+            if kind == "zip":
+                _unpack_zip(stream, builder)
+            else:
+                _unpack_tar(kind, stream, builder)
     except (
         tarfile.TarError,
         zipfile.BadZipFile,
@@ -88,8 +96,8 @@ def unpack(kind: ArchiveKind, body: bytes, builder: SnapshotBuilder) -> None:
         raise builder.reject(f"not a valid {kind} archive: {exc}") from exc
 
 
-def _unpack_tar(kind: ArchiveKind, body: bytes, builder: SnapshotBuilder) -> None:
-    raw: io.BufferedIOBase | gzip.GzipFile = io.BytesIO(body)
+def _unpack_tar(kind: ArchiveKind, body: BinaryIO, builder: SnapshotBuilder) -> None:
+    raw: Any = body
     if kind == "tar.gz":
         raw = gzip.GzipFile(fileobj=raw, mode="rb")
     members = 0
@@ -98,7 +106,7 @@ def _unpack_tar(kind: ArchiveKind, body: bytes, builder: SnapshotBuilder) -> Non
         for member in tar:
             members += 1
             if members > member_cap(builder.limits):
-                raise builder.reject(f"more than {member_cap(builder.limits)} archive members")
+                raise _too_many(builder)
             name = _member_name(member.name)
             if name is None:
                 continue
@@ -119,17 +127,53 @@ def _unpack_tar(kind: ArchiveKind, body: bytes, builder: SnapshotBuilder) -> Non
             handle = tar.extractfile(member)
             if handle is None:
                 raise builder.reject(f"archive member {printable(name)} has no data")
-            data = handle.read()
-            if len(data) != member.size:
+            entry = builder.add_stream(name, handle.read, executable=bool(member.mode & 0o100))
+            if entry.size != member.size:
                 raise builder.reject(f"archive member {printable(name)} is truncated")
-            builder.add(name, data, executable=bool(member.mode & 0o100))
 
 
-def _unpack_zip(body: bytes, builder: SnapshotBuilder) -> None:
-    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+def _too_many(builder: SnapshotBuilder) -> Exception:
+    cap = member_cap(builder.limits)
+    return builder.reject(f"more than {cap} archive members (twice max-files, {builder.limits.max_files})")
+
+
+_END = struct.Struct("<4s4H2LH")  # the end of central directory record
+_END64_LOCATOR = struct.Struct("<4sLQL")
+_END64 = struct.Struct("<4sQ2H2L4Q")
+
+
+def _central_directory(body: BinaryIO) -> tuple[int, int] | None:
+    """The entry count and byte size a zip's end records declare, read from its tail; None if not found."""
+    size = body.seek(0, io.SEEK_END)
+    tail_start = max(0, size - (_END.size + 0xFFFF))  # the record, and a comment of at most 64 KiB
+    body.seek(tail_start)
+    tail = body.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + _END.size > len(tail):
+        return None
+    _, _, _, _, count, cd_size, _, _ = _END.unpack_from(tail, at)
+    locator = at - _END64_LOCATOR.size
+    if locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
+        _, _, end64_offset, _ = _END64_LOCATOR.unpack_from(tail, locator)
+        body.seek(end64_offset)
+        record = body.read(_END64.size)
+        if len(record) == _END64.size and record[:4] == b"PK\x06\x06":
+            fields = _END64.unpack(record)
+            count, cd_size = fields[6], fields[7]
+    return count, cd_size
+
+
+def _unpack_zip(body: BinaryIO, builder: SnapshotBuilder) -> None:
+    declared = _central_directory(body)
+    cap = member_cap(builder.limits)
+    # A central directory entry is 46 bytes and a name; anything beyond this is not a set we accept.
+    if declared is not None and (declared[0] > cap or declared[1] > cap * (46 + 1024)):
+        raise _too_many(builder)
+    body.seek(0)
+    with zipfile.ZipFile(body) as archive:
         infos = archive.infolist()
-        if len(infos) > member_cap(builder.limits):
-            raise builder.reject(f"more than {member_cap(builder.limits)} archive members")
+        if len(infos) > cap:
+            raise _too_many(builder)
         for info in infos:
             name = _member_name(info.filename)
             if name is None:
@@ -142,18 +186,8 @@ def _unpack_zip(body: bytes, builder: SnapshotBuilder) -> None:
                 what = "symlink" if file_type == stat.S_IFLNK else "special file"
                 raise builder.reject(f"archive member {printable(name)} is a {what}; only regular files are accepted")
             builder.check_size(name, info.file_size)
-            data = _read_capped(archive, info, builder.remaining())
-            builder.add(name, data, executable=bool((info.external_attr >> 16) & 0o100))
-
-
-def _read_capped(archive: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
-    """Inflate at most ``cap`` bytes, so a member that lies about its size cannot blow up memory."""
-    chunks: list[bytes] = []
-    size = 0
-    with archive.open(info) as handle:
-        while chunk := handle.read(_CHUNK):
-            size += len(chunk)
-            if size > cap:
-                raise zipfile.BadZipFile(f"member {info.filename!r} inflates past its declared size or the limits")
-            chunks.append(chunk)
-    return b"".join(chunks)
+            with archive.open(info) as handle:
+                # Streamed with the limits enforced as it inflates: a member lying about its size is caught.
+                entry = builder.add_stream(name, handle.read, executable=bool((info.external_attr >> 16) & 0o100))
+            if entry.size != info.file_size:
+                raise builder.reject(f"archive member {printable(name)} is not the size its header says")

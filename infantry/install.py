@@ -10,8 +10,9 @@ from typing import Literal
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
+from infantry import spool
 from infantry.errors import CheckFailed, InfantryError, SettingsError, SourceError, SourceTimeout, UnsafeDataError
-from infantry.publish import Gate, Publisher, make_gate, make_publisher, mark_fallback, mark_told
+from infantry.publish import SPOOL, Gate, Publisher, make_gate, make_publisher, mark_fallback, mark_told
 from infantry.retry import Backoff
 from infantry.settings import Settings, SourceSpec
 from infantry.snapshot import Part, Snapshot, merge
@@ -28,6 +29,7 @@ async def run_install(
     settings: Settings, environ: Mapping[str, str], backoff: Backoff = DEFAULT_BACKOFF
 ) -> InstallOutcome:
     """Wire the sources, publisher and gate from settings, and install once."""
+    spool.use(settings.dest / SPOOL)
     sources = open_sources(settings)
     publisher = make_publisher(settings.dest, settings.layout, settings.file_mode)
     gate = make_gate(settings.check, settings.check_timeout, environ) if settings.check else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from typing import Literal, Protocol
 from infantry.errors import CheckFailed, PublishError, SettingsError
 from infantry.process import run_command
 from infantry.snapshot import FileEntry, Snapshot, check_path, printable
+from infantry.spool import CHUNK, INLINE_MAX, Blob, Digest
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ TMP_PREFIX = "..tmp-"
 SNAPSHOT_DIR = re.compile(r"\.\.\d{4}(_\d\d){5}\.\d{9}")
 DIR_MODE = 0o755
 
+SPOOL = "..spool"  # content on its way in: see infantry.spool
 FALLBACK = "..fallback"
 TOLD = "..told"
 
@@ -122,16 +125,42 @@ def _read_nofollow(path: Path | str, limit: int = -1, dir_fd: int | None = None)
         return handle.read(limit), st
 
 
+def _read_content(
+    path: Path | str, dir_fd: int | None = None, limit: int | None = None
+) -> tuple[bytes | Digest, os.stat_result]:
+    """A regular file's content as a FileEntry holds it (the bytes if small, else their digest), and
+    its stat; never follows a link, and reads at most ``limit`` bytes (and a chunk) when given."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+    with open(fd, "rb", closefd=True) as handle:
+        st = os.fstat(handle.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
+        head = handle.read(INLINE_MAX + 1)
+        if len(head) <= INLINE_MAX:
+            return head, st
+        h = hashlib.sha256(head)
+        size = len(head)
+        while (limit is None or size <= limit) and (chunk := handle.read(CHUNK)):
+            h.update(chunk)
+            size += len(chunk)
+        return Digest(size, h.digest()), st
+
+
+def _holds(rel: str, dir_fd: int, entry: FileEntry) -> bool:
+    """True when the file ``rel`` under ``dir_fd`` has the entry's content, read from disk."""
+    content, _ = _read_content(rel, dir_fd, entry.size)
+    return content == entry.content
+
+
 def _still_holds(ledger: Ledger, rel: str, dir_fd: int, entry: FileEntry) -> bool:
     """True when ``rel`` (under ``dir_fd``) still holds ``entry``: its stat is as recorded, and a file
-    recorded too recently to trust its stat is compared byte for byte."""
+    recorded too recently to trust its stat is compared by content."""
     st = os.stat(rel, dir_fd=dir_fd, follow_symlinks=False)
     if ledger.trusted(rel, st):
         return True
     if not ledger.unchanged(rel, st):
         return False
-    data, _ = _read_nofollow(rel, len(entry.data) + 1, dir_fd=dir_fd)
-    return data == entry.data
+    return _holds(rel, dir_fd, entry)
 
 
 def _check_files(root: Path, snapshot: Snapshot, ledger: Ledger, file_mode: int) -> str | None:
@@ -155,12 +184,12 @@ def _check_files(root: Path, snapshot: Snapshot, ledger: Ledger, file_mode: int)
                     return f"the mode of {printable(rel)} was changed"
                 if ledger.trusted(rel, st):
                     continue
-                if st.st_size != len(entry.data):
+                if st.st_size != entry.size:
                     return f"{printable(rel)} was changed"
-                data, st = _read_nofollow(rel, len(entry.data) + 1, dir_fd=root_fd)
+                content, st = _read_content(rel, root_fd, entry.size)
             except OSError as exc:
                 return f"{printable(rel)} cannot be read: {exc.strerror}"
-            if data != entry.data:
+            if content != entry.content:
                 return f"{printable(rel)} was changed"
             ledger.record(rel, st, now)
         return None
@@ -247,11 +276,27 @@ def _mode(entry: FileEntry, file_mode: int) -> int:
 
 
 def _write_new(path: Path, entry: FileEntry, file_mode: int) -> os.stat_result:
-    """Create ``path``, which must not exist, with the entry's content; never follows a link."""
+    """Create ``path``, which must not exist, with the entry's content; never follows a link.
+
+    Spooled content is copied a chunk at a time and its digest checked on the way, so a spool file
+    changed on disk is refused, not published.
+    """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(path, flags, 0o600)
     with open(fd, "wb", closefd=True) as handle:
-        handle.write(entry.data)
+        content = entry.content
+        if isinstance(content, bytes):
+            handle.write(content)
+        elif isinstance(content, Blob):
+            h = hashlib.sha256()
+            with content.open() as source:
+                while chunk := source.read(CHUNK):
+                    h.update(chunk)
+                    handle.write(chunk)
+            if h.digest() != content.sha:
+                raise PublishError(f"the spooled copy of {printable(path.name)} was changed on disk; not publishing it")
+        else:
+            raise PublishError(f"the content of {printable(path.name)} is no longer held; it must be read again")
         handle.flush()
         os.fchmod(handle.fileno(), _mode(entry, file_mode))
         return os.fstat(handle.fileno())
@@ -271,10 +316,10 @@ def _read_tree(root: Path, file_mode: int, ledger: Ledger) -> Snapshot | None:
             if check_path(rel) is not None:
                 return None
             try:
-                data, st = _read_nofollow(path)
+                content, st = _read_content(path)
             except OSError:
                 return None
-            entry = FileEntry(data, executable=bool(st.st_mode & 0o100))
+            entry = FileEntry(content, executable=bool(st.st_mode & 0o100))
             if stat.S_IMODE(st.st_mode) != _mode(entry, file_mode):
                 return None
             files[rel] = entry
@@ -670,10 +715,10 @@ class DirectPublisher:
                 try:
                     if self._linked_parent(rel) is not None:
                         return None
-                    data, st = _read_nofollow(self.dest / rel)
+                    content, st = _read_content(self.dest / rel)
                 except OSError:
                     return None
-                files[rel] = FileEntry(data, executable=bool(st.st_mode & 0o100))
+                files[rel] = FileEntry(content, executable=bool(st.st_mode & 0o100))
                 self._ledger.record(rel, st)
             self._current = Snapshot.of(files) if files else None
         return self._current

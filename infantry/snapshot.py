@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from infantry.errors import SettingsError, UnsafeDataError
+from infantry import spool
+from infantry.errors import SettingsError, SourceError, UnsafeDataError
+from infantry.spool import INLINE_MAX, Blob, Digest
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_NAME_BYTES = 255
@@ -58,12 +60,47 @@ def printable(path: str) -> str:
     return repr(shown if len(shown) <= 120 else shown[:117] + "...")
 
 
-@dataclass(frozen=True)
 class FileEntry:
-    """One file's content, and whether it should be executable."""
+    """One file's content and whether it should be executable.
 
-    data: bytes
-    executable: bool = False
+    The content is the bytes themselves when small (at most ``spool.INLINE_MAX``), otherwise a
+    :class:`~infantry.spool.Digest`: a spool Blob for content on its way to the destination, or a bare
+    digest for a file read back from it. The size alone decides which, so equal content always has
+    the same form, and entries compare (and a set's version is computed) without reading files.
+    """
+
+    __slots__ = ("content", "executable")
+
+    def __init__(self, content: bytes | Digest, executable: bool = False) -> None:
+        if isinstance(content, bytes) and len(content) > INLINE_MAX:
+            content = spool.current().store(content)
+        elif isinstance(content, Blob) and content.size <= INLINE_MAX:
+            content = content.read()  # one form for each size, so equal content compares equal
+        self.content = content
+        self.executable = executable
+
+    @property
+    def size(self) -> int:
+        """The content's length in bytes."""
+        return len(self.content) if isinstance(self.content, bytes) else self.content.size
+
+    @property
+    def data(self) -> bytes:
+        """The whole content, read from the spool if need be. Not for the data path: it reads it all."""
+        if isinstance(self.content, bytes):
+            return self.content
+        if isinstance(self.content, Blob):
+            return self.content.read()
+        raise ValueError("only the digest of this file's content is kept")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FileEntry) and self.executable == other.executable and self.content == other.content
+
+    def __hash__(self) -> int:
+        return hash((self.content, self.executable))
+
+    def __repr__(self) -> str:
+        return f"FileEntry({self.content!r}, executable={self.executable})"
 
 
 @dataclass(frozen=True)
@@ -89,13 +126,22 @@ class Snapshot:
 
 
 def digest(files: Mapping[str, FileEntry]) -> str:
-    """A SHA-256 over paths, executable bits and content, independent of insertion order."""
+    """A SHA-256 over paths, executable bits and content, independent of insertion order.
+
+    Small content is hashed as it is; larger content by its own SHA-256, which was computed as it
+    was spooled or read.
+    """
     h = hashlib.sha256()
     for path in sorted(files):
         entry = files[path]
+        content = entry.content
         encoded = path.encode("utf-8")
-        h.update(b"%d:%s:%d:%d:" % (len(encoded), encoded, entry.executable, len(entry.data)))
-        h.update(entry.data)
+        if isinstance(content, bytes):
+            h.update(b"%d:%s:%d:%d:" % (len(encoded), encoded, entry.executable, len(content)))
+            h.update(content)
+        else:
+            h.update(b"%d:%s:%d:%d#" % (len(encoded), encoded, entry.executable, content.size))
+            h.update(content.sha)
     return h.hexdigest()
 
 
@@ -143,18 +189,64 @@ class SnapshotBuilder:
                 f"total size passes the limit of {self._limits.max_total_size} bytes at {printable(path)}"
             )
 
-    def add(self, path: str, data: bytes, *, executable: bool = False) -> None:
-        """Add one file, or raise UnsafeDataError naming the source and the path."""
+    def _admit(self, path: str) -> None:
         reason = check_path(path)
         if reason is not None:
             raise self.reject(f"unsafe path {printable(path)}: {reason}")
         if path in self._files:
             raise self.reject(f"{printable(path)} appears twice")
         if len(self._files) >= self._limits.max_files:
-            raise self.reject(f"more than {self._limits.max_files} files")
+            raise self.reject(f"more than {self._limits.max_files} files (max-files)")
+
+    def _spool_error(self, path: str, exc: OSError) -> SourceError:
+        return SourceError(self._source, f"{printable(path)}: {exc.strerror or exc}")
+
+    def add(self, path: str, data: bytes, *, executable: bool = False) -> None:
+        """Add one file, or raise UnsafeDataError naming the source and the path."""
+        self._admit(path)
         self.check_size(path, len(data))
-        self._files[path] = FileEntry(data, executable)
-        self._total += len(data)
+        try:
+            self.add_entry(path, FileEntry(data, executable))
+        except spool.SpoolError as exc:
+            raise self._spool_error(path, exc) from None
+
+    def add_entry(self, path: str, entry: FileEntry) -> None:
+        """Add a file whose content is already held (in memory or in the spool)."""
+        self._admit(path)
+        self.check_size(path, entry.size)
+        self._files[path] = entry
+        self._total += entry.size
+
+    def add_stream(self, path: str, read: Callable[[int], bytes], *, executable: bool = False) -> FileEntry:
+        """Add one file read with ``read(n)`` until it returns nothing, keeping at most a chunk in memory.
+
+        The limits are enforced while reading: content past them is refused before it is held.
+        """
+        self._admit(path)
+        cap = self.remaining()
+        head = b""
+        while len(head) <= INLINE_MAX:  # small content stays in memory, whatever sizes the reads return
+            chunk = read(INLINE_MAX + 1 - len(head))
+            if not chunk:
+                entry = FileEntry(head, executable)
+                self.add_entry(path, entry)
+                return entry
+            head += chunk
+        try:
+            with spool.current().writer(cap) as writer:
+                try:
+                    writer.write(head)
+                    while chunk := read(spool.CHUNK):
+                        writer.write(chunk)
+                except spool.TooLarge as exc:
+                    self.check_size(path, exc.args[0])
+                    raise  # check_size refuses any size past the cap
+                blob = writer.finish()
+        except spool.SpoolError as exc:
+            raise self._spool_error(path, exc) from None
+        entry = FileEntry(blob, executable)
+        self.add_entry(path, entry)
+        return entry
 
     def build(self) -> Snapshot:
         """The finished Snapshot. An empty set, or a name that is both file and directory, is refused."""

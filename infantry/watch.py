@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from infantry import threads
+from infantry import spool, threads
 from infantry.errors import CheckFailed, NotifyError, PublishError, SettingsError, SourceError, UnsafeDataError
 from infantry.health import Clock, HealthServer, Metrics, Report
 from infantry.notify import (
@@ -50,6 +50,7 @@ from infantry.notify import (
 )
 from infantry.process import KILL_GRACE_SECONDS
 from infantry.publish import (
+    SPOOL,
     Gate,
     Publisher,
     clear_fallback,
@@ -595,6 +596,7 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 def build_watcher(settings: Settings, environ: Mapping[str, str]) -> Watcher:
     """Wire a Watcher from settings: sources by scheme, the publisher, the gate, notifiers and verifier."""
+    spool.use(settings.dest / SPOOL)
     sources = open_sources(settings)
     publisher = make_publisher(settings.dest, settings.layout, settings.file_mode)
     gate = make_gate(settings.check, settings.check_timeout, environ) if settings.check else None

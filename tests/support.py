@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.secret_guard import note_output
+
 HELPERS = Path(__file__).parent / "helpers"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # How long a helper keeps retrying what only failed for lack of CPU (a pass racing a swap, a refused
@@ -100,9 +102,55 @@ def infantry(*args: str, env: dict[str, str] | None = None, timeout: float = 60)
     """Run the infantry command line, as a user would."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("INFANTRY_")}
     full_env.update(env or {})
-    return subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-m", "infantry", *args], capture_output=True, text=True, env=full_env, timeout=timeout
     )
+    # Searched for the test secrets at the end of the session (the label names no argument: they may be secret).
+    note_output(f"output of infantry {args[0] if args else ''}", result.stdout + result.stderr)
+    return result
+
+
+_MEASURE = """
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[2:]).returncode
+open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(code)
+"""
+
+
+def infantry_measured(
+    workdir: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run the infantry command line, and return its result with its peak RSS in MiB (the kernel's own
+    high-water mark of the process, taken when it exits)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("INFANTRY_")}
+    full_env.update(env or {})
+    peak = workdir / f"peak-rss-{time.monotonic_ns()}"
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(peak), sys.executable, "-m", "infantry", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
+    note_output(f"output of infantry {args[0] if args else ''}", result.stdout + result.stderr)
+    return result, int(peak.read_text()) / 1024
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The peak RSS of a running process so far, in MiB (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def rss_mib(pid: int) -> float:
+    """The RSS of a running process now, in MiB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -242,6 +290,9 @@ http {{
         location /basic/ {{
             auth_basic "infantry tests";
             auth_basic_user_file {w}/htpasswd;
+        }}
+        location /gz/ {{
+            gzip_static on;  # serves NAME.gz, compressed, for NAME: a Content-Encoding: gzip answer
         }}
         location /noetag/ {{
             etag off;

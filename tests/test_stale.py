@@ -81,8 +81,15 @@ def test_a_full_disk_fails_health_and_converges_once_space_is_freed(
     (store / "app.yaml").write_text("v: 2, written while the disk is full\n" + "x" * 8192)
     wait_until("/healthz to report the full disk", lambda: healthz(watch)[0] == 503, timeout=20)
     _, body = healthz(watch)
-    assert "has not matched the store" in body and "No space left" in body, body
-    assert watch.get("/readyz")[0] == 503
+    # Content this large is spooled inside the destination as it is read, before it is published:
+    # whichever step meets the full disk first, health names it. A publish that fails also fails
+    # /readyz; content that could not be read in yet is a source that has not answered, like a store
+    # out of reach, and shows on /healthz once stale.
+    assert "No space left" in body, body
+    published = "..spool" not in body
+    if published:
+        assert "has not matched the store" in body, body
+        assert watch.get("/readyz")[0] == 503
     assert read_as_app(dest) == {"app.yaml": "v: 1\n"}  # the old set, whole
     ballast.unlink()
     # Nothing changes in the store: the retry alone must bring the destination in step.
@@ -90,7 +97,10 @@ def test_a_full_disk_fails_health_and_converges_once_space_is_freed(
     wait_until("the destination to converge", lambda: read_as_app(dest) == wanted, timeout=20)
     wait_until("/healthz to recover", lambda: healthz(watch)[0] == 200, timeout=20)
     wait_until("/readyz to recover", lambda: watch.get("/readyz")[0] == 200, timeout=20)
-    assert watch.metric("infantry_publishes_total", result="error") >= 1
+    if published:
+        assert watch.metric("infantry_publishes_total", result="error") >= 1
+    else:
+        assert watch.metric("infantry_syncs_total", result="error") >= 1
     code, _ = watch.stop(timeout=20)
     assert code == 0
 

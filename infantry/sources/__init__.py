@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -40,6 +41,23 @@ def redact_url(url: str) -> str:
         netloc = f"{userinfo.partition(':')[0]}:***@{host}"
     query = "***" if parts.query else ""
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def tls_hint(exc: BaseException) -> str | None:
+    """What to say when ``exc`` (or what caused it) is a server certificate that failed verification;
+    None for any other failure. Such a failure does not go away by asking again."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = cause.verify_message or cause.reason or "verification failed"
+            return (
+                f"the server's TLS certificate is not trusted ({reason}); "
+                "set ca-file to the CA that signed it (--ca-file or the source's ca_file)"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def open_source(

@@ -183,12 +183,15 @@ def _add_file(builder: SnapshotBuilder, path: Path, rel: str, *, follow: bool = 
         if not stat.S_ISREG(st.st_mode):
             raise builder.reject(f"{printable(rel)} is not a regular file")
         builder.check_size(rel, st.st_size)
-        try:
-            # Read one byte past the limit, so a file that grew since fstat is still caught.
-            data = handle.read(builder.remaining() + 1)
-        except OSError as exc:
-            raise _os_error(builder.source, printable(rel), exc) from exc
-    builder.add(rel, data, executable=bool(st.st_mode & 0o100))
+
+        def read(size: int) -> bytes:
+            try:
+                return handle.read(size)
+            except OSError as exc:
+                raise _os_error(builder.source, printable(rel), exc) from exc
+
+        # Streamed, with the limits enforced as it goes, so a file that grew since fstat is still caught.
+        builder.add_stream(rel, read, executable=bool(st.st_mode & 0o100))
 
 
 def _os_error(source: str, what: str, exc: OSError, *, vanished_is_race: bool = True) -> Exception:

@@ -1,7 +1,9 @@
 """``http://`` and ``https://`` sources: one document (or archive), polled with conditional GET.
 
 Each poll has one deadline for the whole request, body included (``request_timeout``), so a server that
-drip-feeds its answer costs one deadline, not a hang. Redirects are followed by hand, at most
+drip-feeds its answer costs one deadline, not a hang. The body is streamed into the spool and decoded
+(gzip or deflate) here, a chunk at a time, so a compression bomb is refused at the limit, never inflated
+whole in memory. Redirects are followed by hand, at most
 ``MAX_REDIRECTS`` hops, and the source's credentials (custom headers, bearer token, basic auth) go only
 to the origin (scheme, host, port) of the source's own URL.
 """
@@ -13,17 +15,19 @@ import email.utils
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator
+import zlib
+from collections.abc import AsyncIterator, Iterator
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
+from infantry import spool
 from infantry.archive import archive_kind, inflate_cap, unpack
 from infantry.errors import SettingsError, SourceError, UnsafeDataError
 from infantry.secrets import read_secret
 from infantry.settings import SourceSpec
-from infantry.snapshot import Limits, Snapshot, SnapshotBuilder, printable
-from infantry.sources import redact_url
+from infantry.snapshot import FileEntry, Limits, Snapshot, SnapshotBuilder, printable
+from infantry.sources import redact_url, tls_hint
 
 JITTER = 0.1
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -35,6 +39,37 @@ RETRY_AFTER_INTERVALS = 10
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Answers that will not improve by asking again soon; anything else (5xx, 429, 408) is temporary.
 _PERMANENT = frozenset({400, 401, 403, 404, 405, 406, 410, 414, 451})
+# The encodings infantry asks for, and decodes itself (with bounded output per step).
+ACCEPT_ENCODING = "gzip, deflate"
+
+
+class _Decoder:
+    """Decodes a Content-Encoding a chunk at a time, never producing more than a chunk per step."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        if encoding in ("", "identity"):
+            self._z = None
+        elif encoding in ("gzip", "x-gzip"):
+            self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            self._z = zlib.decompressobj()
+        else:
+            raise ValueError(encoding)
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if self._z is None:
+            yield data
+            return
+        while data:
+            yield self._z.decompress(data, spool.CHUNK)
+            data = self._z.unconsumed_tail
+            if self._z.eof and self._z.unused_data:
+                raise zlib.error("data after the end of the compressed stream")
+
+    def end(self) -> None:
+        if self._z is not None and not self._z.eof:
+            raise zlib.error("the compressed stream is truncated")
 
 
 def build_client(spec: SourceSpec, timeout: float = 10.0) -> httpx.AsyncClient:
@@ -100,6 +135,7 @@ class HttpSource:
         if trusted and self._spec.bearer_token_file is not None:
             # Read on every request, so a rotated token is picked up without a restart.
             headers["Authorization"] = "Bearer " + read_secret(self._spec.bearer_token_file, "bearer-token-file")
+        headers["Accept-Encoding"] = ACCEPT_ENCODING
         if self._last is not None:
             if self._etag:
                 headers["If-None-Match"] = self._etag
@@ -123,6 +159,9 @@ class HttpSource:
                 self.name, f"no complete answer within the request timeout of {self._request_timeout:g}s"
             ) from exc
         except (httpx.HTTPError, ssl.SSLError) as exc:
+            hint = tls_hint(exc)
+            if hint is not None:
+                raise SourceError(self.name, hint, temporary=False) from exc
             raise SourceError(self.name, f"request failed: {type(exc).__name__}: {exc}") from exc
         if answer is None:
             return None
@@ -135,7 +174,7 @@ class HttpSource:
         self._last = snapshot
         return snapshot
 
-    async def _get(self) -> tuple[bytes, str | None, str | None] | None:
+    async def _get(self) -> tuple[FileEntry, str | None, str | None] | None:
         """GET the document, following redirects: (body, ETag, Last-Modified), or None if not modified."""
         url = httpx.URL(self._spec.url)
         origin = _origin(url)
@@ -175,25 +214,39 @@ class HttpSource:
             retry_after=retry_after,
         )
 
-    async def _read_capped(self, resp: httpx.Response) -> bytes:
-        """The body, refused as soon as it passes the size limit (declared or while streaming)."""
+    async def _read_capped(self, resp: httpx.Response) -> FileEntry:
+        """The body, decoded into the spool, refused as soon as it passes the size limit (declared, or
+        while it streams and inflates)."""
         cap, what = self._body_cap, printable(self._file_name)
+        encoding = resp.headers.get("Content-Encoding", "").strip().lower()
+        try:
+            decoder = _Decoder(encoding)
+        except ValueError:
+            raise UnsafeDataError(
+                self.name, f"{what} came in an encoding infantry did not ask for: {encoding!r}"
+            ) from None
         declared = resp.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > cap:
+        if decoder.encoding in ("", "identity") and declared is not None and declared.isdigit() and int(declared) > cap:
             raise UnsafeDataError(self.name, f"{what} passes the limit of {cap} bytes (it is {declared})")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in resp.aiter_bytes():
-            size += len(chunk)
-            if size > cap:
-                raise UnsafeDataError(self.name, f"{what} passes the limit of {cap} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            with spool.current().writer(cap) as writer:
+                try:
+                    async for raw in resp.aiter_raw():
+                        for chunk in decoder.feed(raw):
+                            writer.write(chunk)
+                    decoder.end()
+                except spool.TooLarge:
+                    raise UnsafeDataError(self.name, f"{what} passes the limit of {cap} bytes") from None
+                except zlib.error as exc:
+                    raise UnsafeDataError(self.name, f"{what} is not valid {encoding} data: {exc}") from None
+                return FileEntry(writer.finish())
+        except spool.SpoolError as exc:
+            raise SourceError(self.name, f"{what}: {exc.strerror}") from None
 
-    def _parse(self, body: bytes) -> Snapshot:
+    def _parse(self, body: FileEntry) -> Snapshot:
         builder = SnapshotBuilder(self.name, self._limits)
         if self._archive is None:
-            builder.add(self._file_name, body)
+            builder.add_entry(self._file_name, body)
         else:
             unpack(self._archive, body, builder)
         return builder.build()
