@@ -27,6 +27,7 @@ import re
 import shlex
 import shutil
 import stat
+import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -57,13 +58,15 @@ Gate = Callable[[Path], None]
 # kernel's coarse clock without its stat changing; its content is compared until it is older than this.
 RACY_NS = 2_000_000_000
 
-Signature = tuple[int, int, int, int, int]
-"""What a stat says of a file that a rewrite would change: inode, size, mtime, mode, and ctime (which,
-unlike mtime, no one can set back after an edit)."""
+# What a stat says of a file that a rewrite would change: inode, size, mtime, mode, and ctime (which,
+# unlike mtime, no one can set back after an edit). Packed, as a set may hold 100,000 files: 37 bytes
+# each, where a tuple of five integers costs over 200.
+_SIGNATURE = struct.Struct("<QQqIq")
+_BEFORE_CTIME = 28  # the bytes of inode, size, mtime and mode
 
 
-def _signature(st: os.stat_result) -> Signature:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode, st.st_ctime_ns)
+def _signature(st: os.stat_result) -> bytes:
+    return _SIGNATURE.pack(st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode & 0xFFFFFFFF, st.st_ctime_ns)
 
 
 def make_gate(command: str, timeout: float, environ: Mapping[str, str]) -> Gate:
@@ -90,29 +93,31 @@ class Ledger:
     """
 
     def __init__(self) -> None:
-        self._seen: dict[str, tuple[Signature, bool]] = {}
+        # rel -> the signature, and one more byte: b"r" if the record is racy, b"-" if not.
+        self._seen: dict[str, bytes] = {}
 
     def record(self, rel: str, st: os.stat_result, now_ns: int | None = None) -> None:
         """Remember ``rel`` as verified, with the stat taken when it was written or compared."""
         racy = st.st_mtime_ns >= (now_ns if now_ns is not None else time.time_ns()) - RACY_NS
-        self._seen[rel] = (_signature(st), racy)
+        self._seen[rel] = _signature(st) + (b"r" if racy else b"-")
 
     def unchanged(self, rel: str, st: os.stat_result) -> bool:
         """True when ``st`` is the stat recorded for ``rel``, racy or not."""
         seen = self._seen.get(rel)
-        return seen is not None and seen[0] == _signature(st)
+        return seen is not None and seen[:-1] == _signature(st)
 
     def trusted(self, rel: str, st: os.stat_result) -> bool:
         """True when ``st`` shows ``rel`` untouched since it was recorded, and the record is not racy."""
         seen = self._seen.get(rel)
-        return seen is not None and not seen[1] and seen[0] == _signature(st)
+        return seen is not None and seen[-1:] == b"-" and seen[:-1] == _signature(st)
 
     def rebase(self, rel: str, st: os.stat_result) -> None:
         """Accept a new ctime for ``rel`` when nothing else changed: infantry's own hard links and
         removals of old snapshots change the ctime of the inodes the live snapshot shares with them."""
         seen = self._seen.get(rel)
-        if seen is not None and seen[0][:4] == _signature(st)[:4]:
-            self._seen[rel] = (_signature(st), seen[1])
+        now = _signature(st)
+        if seen is not None and seen[:_BEFORE_CTIME] == now[:_BEFORE_CTIME]:
+            self._seen[rel] = now + seen[-1:]
 
 
 def _read_nofollow(path: Path | str, limit: int = -1, dir_fd: int | None = None) -> tuple[bytes, os.stat_result]:
@@ -275,14 +280,15 @@ def _mode(entry: FileEntry, file_mode: int) -> int:
     return file_mode
 
 
-def _write_new(path: Path, entry: FileEntry, file_mode: int) -> os.stat_result:
-    """Create ``path``, which must not exist, with the entry's content; never follows a link.
+def _write_new(path: Path | str, entry: FileEntry, file_mode: int, dir_fd: int | None = None) -> os.stat_result:
+    """Create ``path`` (under ``dir_fd``), which must not exist, with the entry's content; never follows a link.
 
     Spooled content is copied a chunk at a time and its digest checked on the way, so a spool file
     changed on disk is refused, not published.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o600)
+    fd = os.open(path, flags, 0o600, dir_fd=dir_fd)
+    name = path if isinstance(path, str) else path.name
     with open(fd, "wb", closefd=True) as handle:
         content = entry.content
         if isinstance(content, bytes):
@@ -294,9 +300,9 @@ def _write_new(path: Path, entry: FileEntry, file_mode: int) -> os.stat_result:
                     h.update(chunk)
                     handle.write(chunk)
             if h.digest() != content.sha:
-                raise PublishError(f"the spooled copy of {printable(path.name)} was changed on disk; not publishing it")
+                raise PublishError(f"the spooled copy of {printable(name)} was changed on disk; not publishing it")
         else:
-            raise PublishError(f"the content of {printable(path.name)} is no longer held; it must be read again")
+            raise PublishError(f"the content of {printable(name)} is no longer held; it must be read again")
         handle.flush()
         os.fchmod(handle.fileno(), _mode(entry, file_mode))
         return os.fstat(handle.fileno())
@@ -329,27 +335,35 @@ def _read_tree(root: Path, file_mode: int, ledger: Ledger) -> Snapshot | None:
 
 def _replace_with_link(dest: Path, name: str, target: str) -> None:
     """Point ``dest/name`` at ``target`` by renaming a fresh link over it; never writes through a link."""
-    path = dest / name
+    dest_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if os.readlink(path) == target:
+        _link_at(dest_fd, dest, name, target)
+    finally:
+        os.close(dest_fd)
+
+
+def _link_at(dest_fd: int, dest: Path, name: str, target: str) -> None:
+    """:func:`_replace_with_link` relative to the open destination ``dest_fd`` (``dest`` is for messages)."""
+    try:
+        if os.readlink(name, dir_fd=dest_fd) == target:
             return
     except FileNotFoundError:
         pass
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-        if path.is_dir():
+        if stat.S_ISDIR(os.stat(name, dir_fd=dest_fd, follow_symlinks=False).st_mode):
             raise PublishError(
-                f"refusing to replace directory {path}: it was not created by infantry; remove it"
+                f"refusing to replace directory {dest / name}: it was not created by infantry; remove it"
             ) from None
-        logger.warning("replacing %s, which was not a link made by infantry", path)
-    tmp = dest / f"{TMP_PREFIX}link-{os.getpid()}-{time.monotonic_ns()}"
-    os.symlink(target, tmp)
+        logger.warning("replacing %s, which was not a link made by infantry", dest / name)
+    tmp = f"{TMP_PREFIX}link-{os.getpid()}-{time.monotonic_ns()}"
+    os.symlink(target, tmp, dir_fd=dest_fd)
     try:
-        os.rename(tmp, path)
+        os.rename(tmp, name, src_dir_fd=dest_fd, dst_dir_fd=dest_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dest_fd)
         raise
 
 
@@ -492,12 +506,19 @@ class KubeletPublisher:
                 return f"{DATA} was changed"
         except OSError:
             return f"{DATA} is missing"
-        for top in snapshot.top_level():
-            try:
-                if os.readlink(self.dest / top) != f"{DATA}/{top}":
-                    return f"{printable(top)} was changed"
-            except OSError:
-                return f"{printable(top)} is missing or not a link"
+        try:
+            dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            return f"the destination cannot be read: {exc.strerror}"
+        try:
+            for top in snapshot.top_level():
+                try:
+                    if os.readlink(top, dir_fd=dest_fd) != f"{DATA}/{top}":
+                        return f"{printable(top)} was changed"
+                except OSError:
+                    return f"{printable(top)} is missing or not a link"
+        finally:
+            os.close(dest_fd)
         return _check_tree(self.dest / self._current_dir, snapshot, self._dirs, self._ledger, self._file_mode)
 
     def publish(self, snapshot: Snapshot, gate: Gate | None = None) -> bool:
@@ -519,9 +540,13 @@ class KubeletPublisher:
                 gate(staged)
                 if _check_tree(staged, snapshot, _expected_dirs(snapshot), ledger, self._file_mode) is not None:
                     raise CheckFailed("the check command changed the staged set; a check may only read it")
-            for top in sorted(snapshot.top_level()):
-                _replace_with_link(self.dest, top, f"{DATA}/{top}")
-            _replace_with_link(self.dest, DATA, name)
+            dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for top in sorted(snapshot.top_level()):
+                    _link_at(dest_fd, self.dest, top, f"{DATA}/{top}")
+                _link_at(dest_fd, self.dest, DATA, name)
+            finally:
+                os.close(dest_fd)
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 shutil.rmtree(staged)
@@ -621,7 +646,7 @@ class KubeletPublisher:
                             continue
                     except OSError:
                         pass  # a hard link is only a saving; write a copy instead
-                ledger.record(path, _write_new(staged / path, entry, self._file_mode), now)
+                ledger.record(path, _write_new(path, entry, self._file_mode, new_fd), now)
         finally:
             os.close(new_fd)
             if old_fd is not None:
