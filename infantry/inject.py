@@ -12,11 +12,14 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
+
+import yaml
 
 from infantry.errors import InvalidAnnotation, SettingsError
 from infantry.settings import SCHEMES, Settings, load_settings
+from infantry.sources import redact_url
 
 PREFIX = "infantry.dev/"
 INJECT = PREFIX + "inject"
@@ -31,6 +34,9 @@ OPTION_KEYS = (
 )  # fmt: skip
 POD_TEMPLATE_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job")
 INSTALL_ONLY_KINDS = ("Job", "CronJob")
+MAX_INPUT_BYTES = 8 << 20
+MAX_NODES = 2_000_000
+MAX_DEPTH = 100
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _TRUE_FALSE = {"true": True, "false": False}
 
@@ -107,8 +113,11 @@ def parse_options(values: Mapping[str, str], *, install_only_kind: bool = False)
     if not sources:
         raise bad("source", "at least one source URL is required")
     for url in sources:
-        if urlsplit(url).scheme not in SCHEMES:
-            raise bad("source", f"unsupported source URL {url!r} (supported schemes: {', '.join(SCHEMES)})")
+        if _scheme(url) not in SCHEMES:
+            raise bad("source", f"unsupported source URL {_shown_url(url)} (supported schemes: {', '.join(SCHEMES)})")
+    reload_url = values.get("reload-url") or None
+    if reload_url is not None and _scheme(reload_url) not in ("http", "https"):
+        raise bad("reload-url", f"expected an http:// or https:// URL, got {_shown_url(reload_url)}")
     mount_path = values.get("mount-path", "/configs")
     if not mount_path.startswith("/") or ".." in mount_path.split("/") or mount_path == "/":
         raise bad("mount-path", f"expected an absolute directory path, got {mount_path!r}")
@@ -130,7 +139,7 @@ def parse_options(values: Mapping[str, str], *, install_only_kind: bool = False)
         containers=tuple(n for n in values.get("containers", "").replace(",", " ").split() if n),
         signal=(values.get("signal") or "HUP") if values.get("process") else None,
         process=values.get("process") or None,
-        reload_url=values.get("reload-url") or None,
+        reload_url=reload_url,
         mode="native" if mode == "native" else "classic",
         install_only=install_only_kind or flag("install-only"),
         cpu=values.get("cpu", "10m"),
@@ -139,6 +148,21 @@ def parse_options(values: Mapping[str, str], *, install_only_kind: bool = False)
     )
     _check_with_settings(options)
     return options
+
+
+def _scheme(url: str) -> str:
+    try:
+        return urlsplit(url).scheme
+    except ValueError:  # a malformed host ("http://[::1/") is no scheme infantry can use
+        return ""
+
+
+def _shown_url(url: str) -> str:
+    """``url`` quoted for a message, without its password or query string."""
+    try:
+        return repr(redact_url(url))
+    except ValueError:
+        return "a malformed URL"
 
 
 _ENV_TO_KEY = {
@@ -157,6 +181,9 @@ def _check_with_settings(options: InjectOptions) -> None:
     except SettingsError as exc:
         text = str(exc)
         key = next((k for var, k in _ENV_TO_KEY.items() if var in text), "source")
+        # The settings quote what they refuse; a URL's password or query string must not travel on.
+        for url in [*options.sources, *([options.reload_url] if options.reload_url else [])]:
+            text = text.replace(url, _shown_url(url)[1:-1]).replace(repr(url)[1:-1], _shown_url(url)[1:-1])
         raise InvalidAnnotation(PREFIX + key, text) from None
 
 
@@ -226,41 +253,202 @@ def _with_probes(container: Json, options: InjectOptions, *, startup: bool) -> J
     return container
 
 
-def remove_injected(spec: Json, annotations: Mapping[str, str]) -> Json:
-    """A copy of ``spec`` without what the status annotation says infantry added."""
-    spec = copy.deepcopy(spec)
+def _kind_of(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return "nothing" if value is None else type(value).__name__
+
+
+def _wrong(field: str, expected: str, value: Any) -> SettingsError:
+    return SettingsError(f"{field}: expected {expected}, got {_kind_of(value)}")
+
+
+def _shown(text: str) -> str:
+    """A name from the input, short and on one line, fit for a message."""
+    return text if len(text) <= 100 and text.isprintable() else repr(text[:100])
+
+
+def _check_pod_spec(spec: Any, at: str) -> None:
+    """Refuse a pod spec whose fields infantry reads or extends are not shaped as Kubernetes shapes them."""
+    if not isinstance(spec, dict):
+        raise _wrong(at, "a mapping", spec)
+    if not spec.get("containers"):
+        raise _wrong(f"{at}.containers", "a list of at least one container", spec.get("containers"))
+    for field in ("initContainers", "containers", "volumes"):
+        items = spec.get(field)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            raise _wrong(f"{at}.{field}", "a list", items)
+        for i, item in enumerate(items):
+            here = f"{at}.{field}[{i}]"
+            if not isinstance(item, dict):
+                raise _wrong(here, "a mapping", item)
+            if not isinstance(item.get("name"), str):
+                raise _wrong(f"{here}.name", "a string", item.get("name"))
+            if field == "volumes":
+                continue
+            if item.get("securityContext") is not None and not isinstance(item["securityContext"], dict):
+                raise _wrong(f"{here}.securityContext", "a mapping", item["securityContext"])
+            mounts = item.get("volumeMounts")
+            if mounts is not None and not isinstance(mounts, list):
+                raise _wrong(f"{here}.volumeMounts", "a list", mounts)
+            for j, mount in enumerate(mounts or []):
+                if not isinstance(mount, dict):
+                    raise _wrong(f"{here}.volumeMounts[{j}]", "a mapping", mount)
+                if not isinstance(mount.get("mountPath", ""), str):
+                    raise _wrong(f"{here}.volumeMounts[{j}].mountPath", "a string", mount["mountPath"])
+    if spec.get("securityContext") is not None and not isinstance(spec["securityContext"], dict):
+        raise _wrong(f"{at}.securityContext", "a mapping", spec["securityContext"])
+
+
+def labels_and_annotations(metadata: Any, at: str) -> tuple[dict[str, str], dict[str, str]]:
+    """A pod's labels and annotations as strings; SettingsError naming the field if they are not shaped so."""
+    if metadata is None:
+        return {}, {}
+    if not isinstance(metadata, dict):
+        raise _wrong(at, "a mapping", metadata)
+    found: list[dict[str, str]] = []
+    for field in ("labels", "annotations"):
+        value = metadata.get(field)
+        if value is not None and not isinstance(value, dict):
+            raise _wrong(f"{at}.{field}", "a mapping", value)
+        strings: dict[str, str] = {}
+        for key, item in (value or {}).items():
+            # Checked before str() is taken: a value built from YAML aliases is cheap to hold, not to print.
+            if isinstance(item, list | dict):
+                raise _wrong(f"{at}.{field}.{_shown(str(key))}", "a string", item)
+            strings[str(key)] = str(item)
+        found.append(strings)
+    return found[0], found[1]
+
+
+_ARGS = {INSTALL: ["install"], WATCH: ["watch"]}
+_MARKER_ENV = {"INFANTRY_SOURCE", "INFANTRY_DEST"}
+
+
+def _recorded(annotations: Mapping[str, str]) -> dict[str, Any]:
+    raw = annotations.get(STATUS, "{}")
+    if len(raw) > 4096:  # infantry writes a few hundred bytes; anything longer is not its own
+        return {}
     try:
-        status = json.loads(annotations.get(STATUS, "{}"))
-    except ValueError:
-        status = {}
-    if not isinstance(status, dict):
-        return spec
+        status = json.loads(raw)
+    except (ValueError, RecursionError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def _names(status: Mapping[str, Any], key: str) -> set[str]:
+    value = status.get(key)
+    return {name for name in value if isinstance(name, str)} if isinstance(value, list) else set()
+
+
+def _repository(image: Any) -> str | None:
+    """The image's repository, without tag or digest: ``registry:5000/infantry:1`` is ``registry:5000/infantry``."""
+    if not isinstance(image, str) or not image:
+        return None
+    name = image.partition("@")[0]
+    colon = name.rfind(":")
+    return name[:colon] if colon > name.rfind("/") else name
+
+
+def _is_injected(container: Json, repository: str | None) -> bool:
+    """True if ``container`` is what infantry injects: its name, its args, its image family, its marks."""
+    env = container.get("env")
+    env_names = {e.get("name") for e in env if isinstance(e, dict)} if isinstance(env, list) else set()
+    mounts = container.get("volumeMounts") or []
+    return (
+        container.get("args") == _ARGS.get(container["name"])
+        and repository is not None
+        and _repository(container.get("image")) == repository
+        and _MARKER_ENV.issubset(env_names)
+        and any(m.get("name") == VOLUME for m in mounts)
+    )
+
+
+def _remove_injected(spec: Json, annotations: Mapping[str, str]) -> Json:
+    """A copy of a checked ``spec`` without what infantry injected earlier.
+
+    The status annotation is only a hint, and anyone can write one: a container is taken out only if it
+    is exactly what infantry injects (see ``_is_injected``), and the volume, the mounts and
+    ``shareProcessNamespace`` only along with such a container. An app's own objects always stay.
+    """
+    spec = copy.deepcopy(spec)
+    status = _recorded(annotations)
+    repository = _repository(status.get("image"))
+    removed: set[str] = set()
     for field in ("initContainers", "containers"):
-        names = set(status.get(field, []))
-        if names and field in spec:
-            spec[field] = [c for c in spec[field] if c.get("name") not in names]
-    volumes = set(status.get("volumes", []))
-    if volumes and "volumes" in spec:
-        spec["volumes"] = [v for v in spec["volumes"] if v.get("name") not in volumes]
-    mounted = set(status.get("mounts", []))
-    for container in [*spec.get("initContainers", []), *spec.get("containers", [])]:
-        if container.get("name") in mounted and "volumeMounts" in container:
-            container["volumeMounts"] = [m for m in container["volumeMounts"] if m.get("name") not in volumes]
-    if status.get("shareProcessNamespace"):
+        listed = _names(status, field) & set(_ARGS)
+        if listed and spec.get(field):
+            kept = []
+            for container in spec[field]:
+                if container["name"] in listed and _is_injected(container, repository):
+                    removed.add(container["name"])
+                else:
+                    kept.append(container)
+            spec[field] = kept
+    if not removed:
+        return spec
+    volumes = spec.get("volumes") or []
+    ours = [v["name"] == VOLUME and set(v) == {"name", "emptyDir"} for v in volumes]
+    if VOLUME in _names(status, "volumes") and any(ours):
+        spec["volumes"] = [v for v, is_ours in zip(volumes, ours, strict=True) if not is_ours]
+        mounted = _names(status, "mounts")
+        for container in [*(spec.get("initContainers") or []), *spec["containers"]]:
+            if container["name"] in mounted and container.get("volumeMounts"):
+                container["volumeMounts"] = [
+                    m for m in container["volumeMounts"] if not (m.get("name") == VOLUME and m.get("readOnly") is True)
+                ]
+    if status.get("shareProcessNamespace") is True and WATCH in removed:
         spec.pop("shareProcessNamespace", None)
     return spec
 
 
-def inject_pod(spec: Json, annotations: Mapping[str, str], options: InjectOptions) -> tuple[Json, dict[str, str]]:
-    """The pod spec and annotations with infantry added (after taking out any earlier injection)."""
-    spec = remove_injected(spec, annotations)
+def _refuse_clashes(spec: Json, at: str) -> None:
+    """What is left of infantry's names belongs to the app: injecting would make a pod with two of them."""
+    for field in ("initContainers", "containers"):
+        for i, container in enumerate(spec.get(field) or []):
+            if container["name"] in _ARGS:
+                raise SettingsError(
+                    f"{at}.{field}[{i}]: the pod already has a container named {container['name']}, a name "
+                    "infantry adds; rename it"
+                )
+    for i, volume in enumerate(spec.get("volumes") or []):
+        if volume["name"] == VOLUME:
+            raise SettingsError(
+                f"{at}.volumes[{i}]: the pod already has a volume named {VOLUME}, a name infantry adds; rename it"
+            )
+
+
+def inject_pod(
+    spec: Any, annotations: Mapping[str, str], options: InjectOptions, *, at: str = "spec"
+) -> tuple[Json, dict[str, str]]:
+    """The pod spec and annotations with infantry added (after taking out any earlier injection).
+
+    ``at`` is where the spec sits in its document; a wrongly shaped spec, or one that already uses a name
+    infantry adds, raises SettingsError naming the field from there.
+    """
+    _check_pod_spec(spec, at)
+    spec = _remove_injected(spec, annotations)
+    for field in ("initContainers", "volumes"):
+        if field in spec and spec[field] is None:
+            del spec[field]
+    _refuse_clashes(spec, at)
     annotations = dict(annotations)
-    apps = spec.get("containers") or []
-    names = [c.get("name") for c in apps]
+    apps = spec["containers"]
+    names = [c["name"] for c in apps]
     unknown = [n for n in options.containers if n not in names]
     if unknown:
         raise InvalidAnnotation(PREFIX + "containers", f"no container named {', '.join(unknown)} in this pod")
-    targets = [c for c in apps if not options.containers or c.get("name") in options.containers]
+    targets = [c for c in apps if not options.containers or c["name"] in options.containers]
     for container in targets:
         for mount in container.get("volumeMounts") or []:
             if mount.get("mountPath", "").rstrip("/") == options.mount_path:
@@ -268,9 +456,9 @@ def inject_pod(spec: Json, annotations: Mapping[str, str], options: InjectOption
                     PREFIX + "mount-path",
                     f"container {container['name']} already mounts something at {options.mount_path}",
                 )
-        container.setdefault("volumeMounts", []).append(
-            {"name": VOLUME, "mountPath": options.mount_path, "readOnly": True}
-        )
+        if container.get("volumeMounts") is None:
+            container["volumeMounts"] = []
+        container["volumeMounts"].append({"name": VOLUME, "mountPath": options.mount_path, "readOnly": True})
     spec.setdefault("volumes", []).append({"name": VOLUME, "emptyDir": {}})
     context = _security_context(options, spec, targets)
     init = spec.setdefault("initContainers", [])
@@ -290,7 +478,6 @@ def inject_pod(spec: Json, annotations: Mapping[str, str], options: InjectOption
         # Appended last, so `kubectl logs` and `kubectl exec` still default to the app.
         apps.append(_with_probes(_container(WATCH, ["watch"], _watch_env(options), options, context), options,
                                  startup=False))  # fmt: skip
-        spec["containers"] = apps
         injected.append(WATCH)
     set_share = bool(options.process) and not options.install_only and "shareProcessNamespace" not in spec
     if set_share:
@@ -311,63 +498,190 @@ def inject_pod(spec: Json, annotations: Mapping[str, str], options: InjectOption
 Warn = Callable[[str], None]
 
 
-def pod_template(doc: Json) -> tuple[Json, Json] | None:
-    """The (metadata, spec) of the pod a workload makes, or None for kinds that make no pods."""
+def pod_template(doc: Json) -> tuple[Json, str] | None:
+    """The mapping holding the pod's metadata and spec in a workload, and its path ("" or "spec.template.").
+
+    None for kinds that make no pods; a workload whose path to its pod is not made of mappings raises
+    SettingsError naming the field.
+    """
     kind = doc.get("kind")
-    spec = doc.get("spec")
-    if not isinstance(spec, dict):
-        return None
     if kind == "Pod":
-        return doc.setdefault("metadata", {}), spec
-    if kind in POD_TEMPLATE_KINDS:
-        template = spec.get("template")
+        path: tuple[str, ...] = ()
+    elif kind in POD_TEMPLATE_KINDS:
+        path = ("spec", "template")
     elif kind == "CronJob":
-        template = (spec.get("jobTemplate") or {}).get("spec", {}).get("template")
+        path = ("spec", "jobTemplate", "spec", "template")
     else:
         return None
-    if not isinstance(template, dict) or not isinstance(template.get("spec"), dict):
-        return None
-    return template.setdefault("metadata", {}), template["spec"]
+    holder, at = doc, ""
+    for key in path:
+        value = holder.get(key)
+        if not isinstance(value, dict):
+            raise _wrong(at + key, "a mapping", value)
+        holder, at = value, f"{at}{key}."
+    if not isinstance(holder.get("spec"), dict):
+        raise _wrong(at + "spec", "a mapping", holder.get("spec"))
+    return holder, at
+
+
+def _describe(doc: Json) -> str:
+    kind, metadata = doc.get("kind"), doc.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    return f"{_shown(kind) if isinstance(kind, str) else '?'}/{_shown(name) if isinstance(name, str) else '?'}"
 
 
 def inject_document(doc: Any, settings: Settings, *, annotate_only: bool, warn: Warn, where: str) -> Any:
-    """One YAML document with infantry injected into each workload it holds; other kinds pass through."""
+    """One YAML document with infantry injected into each workload it holds; other kinds pass through.
+
+    A workload that cannot be injected (a bad annotation, a wrongly shaped field, a name infantry adds
+    already taken) raises SettingsError naming ``where``, the workload and the field.
+    """
     if not isinstance(doc, dict):
         return doc
     doc = copy.deepcopy(doc)
+    name = _describe(doc)
     if doc.get("kind") == "List":
+        items = doc.get("items")
+        if items is not None and not isinstance(items, list):
+            raise SettingsError(f"{_wrong('items', 'a list', items)} (in {where}, {name})")
         doc["items"] = [
             inject_document(item, settings, annotate_only=annotate_only, warn=warn, where=f"{where} item {i}")
-            for i, item in enumerate(doc.get("items") or [])
+            for i, item in enumerate(items or [])
         ]
         return doc
-    name = f"{doc.get('kind', '?')}/{(doc.get('metadata') or {}).get('name', '?')}"
+    try:
+        return _inject_workload(doc, settings, annotate_only=annotate_only, warn=warn, where=f"{where} ({name})")
+    except InvalidAnnotation as exc:
+        raise InvalidAnnotation(exc.annotation, f"{exc.detail} (in {where}, {name})") from None
+    except SettingsError as exc:
+        raise SettingsError(f"{exc} (in {where}, {name})") from None
+
+
+def _inject_workload(doc: Json, settings: Settings, *, annotate_only: bool, warn: Warn, where: str) -> Json:
+    if doc.get("metadata") is not None and not isinstance(doc["metadata"], dict):
+        raise _wrong("metadata", "a mapping", doc["metadata"])
     found = pod_template(doc)
     if found is None:
-        warn(f"{where} ({name}): not a workload; passed through unchanged")
+        warn(f"{where}: not a workload; passed through unchanged")
         return doc
-    metadata, spec = found
-    labels = metadata.get("labels") or {}
-    annotations = {str(k): str(v) for k, v in (metadata.get("annotations") or {}).items()}
+    holder, at = found
+    labels, annotations = labels_and_annotations(holder.get("metadata"), at + "metadata")
     overrides = option_values(settings, only_set=True)
     said = opted_in(labels, annotations)
     if said is False:
-        warn(f'{where} ({name}): {INJECT} is "false"; left alone')
+        warn(f'{where}: {INJECT} is "false"; left alone')
         return doc
     if said is None and "source" not in overrides:
-        warn(f"{where} ({name}): not opted in and no --source given; left alone")
+        warn(f"{where}: not opted in and no --source given; left alone")
         return doc
+    if holder.get("metadata") is None:
+        holder["metadata"] = {}
+    metadata = holder["metadata"]
     if annotate_only:
-        metadata["labels"] = {**labels, INJECT: "true"}
+        metadata["labels"] = {**(metadata.get("labels") or {}), INJECT: "true"}
         metadata["annotations"] = {**annotations, **{PREFIX + k: v for k, v in overrides.items()}}
         return doc
     values = {**option_values(settings, only_set=False), **annotation_values(annotations), **overrides}
-    try:
-        options = parse_options(values, install_only_kind=doc.get("kind") in INSTALL_ONLY_KINDS)
-        new_spec, new_annotations = inject_pod(spec, annotations, options)
-    except InvalidAnnotation as exc:
-        raise InvalidAnnotation(exc.annotation, f"{exc.detail} (in {where}, {name})") from None
-    spec.clear()
-    spec.update(new_spec)
-    metadata["annotations"] = new_annotations
+    options = parse_options(values, install_only_kind=doc.get("kind") in INSTALL_ONLY_KINDS)
+    holder["spec"], metadata["annotations"] = inject_pod(holder["spec"], annotations, options, at=at + "spec")
     return doc
+
+
+class _Refused(Exception):
+    """Input that is valid YAML but would cost more than any manifest can need."""
+
+    def __init__(self, reason: str, event: yaml.Event) -> None:
+        mark = event.start_mark
+        super().__init__(f"{reason} (line {mark.line + 1})" if mark is not None else reason)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with every node counted as often as aliases would repeat it, and nesting capped.
+
+    An alias costs what it stands for once expanded (as a client that turns the YAML into JSON would
+    expand it), so a "billion laughs" document, merge keys included, is refused after a few hundred
+    events, and no later step (copying, dumping, a recursive walk) meets a structure deeper than
+    MAX_DEPTH.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._spent = 0
+        self._depth = 0
+        self._open: set[str] = set()
+        self._sizes: dict[yaml.Node, tuple[int, int]] = {}
+
+    def compose_document(self) -> yaml.Node | None:
+        self._sizes.clear()
+        return super().compose_document()
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            node = self.anchors.get(event.anchor)
+            if event.anchor in self._open:
+                raise _Refused(f"the alias *{event.anchor} refers to a node that holds it", event)
+            if node is not None:
+                count, height = self._expanded(node)
+                self._spend(count, self._depth + height, event)
+            return super().compose_node(parent, index)
+        self._spend(1, self._depth + 1, event)
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            self._open.add(anchor)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            self._open.discard(anchor or "")
+
+    def _spend(self, count: int, depth: int, event: yaml.Event) -> None:
+        self._spent += count
+        if self._spent > MAX_NODES:
+            raise _Refused(f"more than {MAX_NODES} nodes once aliases are expanded", event)
+        if depth > MAX_DEPTH:
+            raise _Refused(f"nested more than {MAX_DEPTH} levels deep", event)
+
+    def _expanded(self, node: yaml.Node) -> tuple[int, int]:
+        """How many nodes ``node`` stands for once expanded, and how deep it goes (a completed node)."""
+        if node not in self._sizes:
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = list(node.value)
+            elif isinstance(node, yaml.MappingNode):
+                children = [part for pair in node.value for part in pair]
+            sizes = [self._expanded(child) for child in children]
+            self._sizes[node] = (1 + sum(s[0] for s in sizes), 1 + max((s[1] for s in sizes), default=0))
+        return self._sizes[node]
+
+
+def load_documents(text: str) -> list[Any]:
+    """Every YAML document in ``text``, safely loaded, with aliases bounded and nesting capped."""
+    if len(text) > MAX_INPUT_BYTES:
+        raise SettingsError(f"file: the input is over {MAX_INPUT_BYTES >> 20} MiB, more than any manifest needs")
+    documents: list[Any] = []
+    try:
+        for document in yaml.load_all(text, Loader=_BoundedLoader):
+            documents.append(document)
+    except _Refused as exc:
+        raise SettingsError(f"file: document {len(documents) + 1} is refused: {exc}") from None
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise SettingsError(f"file: document {len(documents) + 1} is not valid YAML: {detail}") from None
+    return documents
+
+
+def read_documents(path: str, stdin: TextIO) -> list[Any]:
+    """The YAML documents in the file at ``path``, or in ``stdin`` for "-", read no further than the size cap."""
+    try:
+        if path == "-":
+            text = stdin.read(MAX_INPUT_BYTES + 1)
+        else:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read(MAX_INPUT_BYTES + 1)
+    except OSError as exc:
+        raise SettingsError(f"file: cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"file: {path} is not UTF-8 text (byte {exc.start})") from None
+    return load_documents(text)

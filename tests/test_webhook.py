@@ -264,3 +264,187 @@ def test_random_json_never_crashes_or_hangs_it(webhook: Webhook, body: Any) -> N
     answer = resp.json()
     assert isinstance(answer, dict) and ("error" in answer or "response" in answer)
     assert webhook.proc.poll() is None
+
+
+def process_threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no thread count in /proc")
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server has closed or reset ``sock`` (checked without blocking)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return False
+    except OSError:  # reset, or TLS ended without close_notify
+        return True
+
+
+class Trickler:
+    """Clients that send a request one byte at a time, every half second, as a slowloris does."""
+
+    HEAD = b"POST /mutate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+    def __init__(self, socks: list[ssl.SSLSocket]) -> None:
+        self.socks = socks
+        self.closed: set[int] = set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        sent = 0
+        while not self.stop.wait(0.5) and sent < len(self.HEAD) - 1:
+            for i, sock in enumerate(self.socks):
+                if i not in self.closed:
+                    try:
+                        sock.sendall(self.HEAD[sent : sent + 1])
+                    except OSError:
+                        self.closed.add(i)
+            sent += 1
+
+    def all_closed(self) -> bool:
+        return len(self.closed) == len(self.socks)
+
+
+def test_idle_slow_and_silent_clients_are_bounded_and_dropped_while_others_are_answered(webhook: Webhook) -> None:
+    from infantry.webhook import MAX_CONNECTIONS, READ_TIMEOUT_SECONDS
+
+    context = ssl.create_default_context()
+    webhook.ca.configure_trust(context)
+
+    def tls() -> ssl.SSLSocket:
+        return context.wrap_socket(socket.create_connection(("127.0.0.1", webhook.port)), server_hostname="127.0.0.1")
+
+    def tcp(first_bytes: bytes) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", webhook.port))
+        sock.sendall(first_bytes)
+        return sock
+
+    # Under the cap: each must be dropped for its own slowness, at the read deadline.
+    opened = time.monotonic()
+    idle_tls = [tls() for _ in range(40)]
+    trickler = Trickler([tls() for _ in range(20)])
+    silent = [tcp(b"") for _ in range(40)]
+    half_hello = [tcp(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03") for _ in range(20)]
+    held = [*idle_tls, *silent, *half_hello]
+    assert len(held) + len(trickler.socks) < MAX_CONNECTIONS
+
+    review = admission(pod(labels={"infantry.dev/inject": "true"}, annotations={"infantry.dev/source": SOURCE}))
+    started = time.monotonic()
+    resp = webhook.mutate(review)
+    assert resp.status_code == 200 and resp.json()["response"]["allowed"] is True
+    assert time.monotonic() - started < 5, "a good review waited behind the slow clients"
+    assert process_threads(webhook.proc.pid) <= 16
+
+    wait_until(
+        "every idle, silent and slow client to be dropped",
+        lambda: all(closed_by_server(s) for s in held) and trickler.all_closed(),
+        timeout=READ_TIMEOUT_SECONDS + 20,
+    )
+    # Not before the deadline: the trickling ones kept sending all along.
+    assert time.monotonic() - opened > READ_TIMEOUT_SECONDS - 1
+    trickler.stop.set()
+
+    # Over the cap: the server holds no more than the cap, and a good client still gets in.
+    flood = [tcp(b"") for _ in range(MAX_CONNECTIONS + 100)]
+    with webhook.client() as client:
+        started = time.monotonic()
+        assert client.post("/mutate", json=review).status_code == 200
+        assert time.monotonic() - started < 5
+    assert len(list(Path(f"/proc/{webhook.proc.pid}/fd").iterdir())) <= MAX_CONNECTIONS + 32
+    assert process_threads(webhook.proc.pid) <= 16
+    for sock in [*held, *trickler.socks, *flood]:
+        sock.close()
+
+
+def deep(levels: int) -> Any:
+    value: Any = "x"
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+def review_of(spec: Any = None, metadata: Any = None) -> bytes:
+    obj = pod(labels={"infantry.dev/inject": "true"}, annotations={"infantry.dev/source": SOURCE})
+    if spec is not None:
+        obj["spec"] = spec
+    if metadata is not None:
+        obj["metadata"] = metadata
+    return json.dumps(admission(obj)).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b"[" * 200_000 + b"]" * 200_000, "nested"),
+        (review_of({"containers": [{"name": "web", "image": "x", "env": [deep(200)]}]}), "nested"),
+        (review_of({"containers": "web"}), "spec.containers"),
+        (review_of({"containers": ["web"]}), "spec.containers[0]"),
+        (review_of({"containers": [{"name": "web", "volumeMounts": {"name": "x"}}]}), "volumeMounts"),
+        (review_of([{"name": "web"}]), "spec: expected a mapping"),
+        (review_of(metadata={"labels": {"infantry.dev/inject": "true"}, "annotations": ["x"]}), "annotations"),
+        (review_of(metadata={"labels": ["infantry.dev/inject"]}), "metadata.labels"),
+        (json.dumps(admission(pod())).replace('"c0ffee"', "NaN").encode(), "not JSON"),
+    ],
+    ids=["deep-json", "deep-pod", "containers-a-string", "container-a-string", "mounts-a-mapping", "spec-a-list",
+         "annotations-a-list", "labels-a-list", "nan"],
+)  # fmt: skip
+def test_a_malformed_review_gets_a_400_or_a_denial_never_a_500(webhook: Webhook, body: bytes, named: str) -> None:
+    resp = webhook.mutate(body)
+    assert resp.status_code in (200, 400), resp.text
+    if resp.status_code == 400:
+        assert named in resp.json()["error"]
+    else:
+        response = resp.json()["response"]
+        assert response["allowed"] is False and response["status"]["code"] == 400
+        assert named in response["status"]["message"]
+    with webhook.client() as client:
+        assert client.get("/healthz").status_code == 200
+    assert webhook.proc.poll() is None
+
+
+def test_names_infantry_adds_are_denied_and_a_forged_status_removes_nothing(webhook: Webhook) -> None:
+    opted = {"labels": {"infantry.dev/inject": "true"}, "annotations": {"infantry.dev/source": SOURCE}}
+    web = {"name": "web", "image": "nginxinc/nginx-unprivileged:1.27-alpine"}
+    clashes = {
+        "spec.containers[1]": {"containers": [web, {"name": "infantry-watch", "image": "example/metrics:1"}]},
+        "spec.volumes[0]": {"containers": [web], "volumes": [{"name": "infantry-configs", "emptyDir": {}}]},
+    }
+    for field, spec in clashes.items():
+        response = webhook.mutate(review_of(spec, {"generateName": "web-", **opted})).json()["response"]
+        assert response["allowed"] is False, f"{field}: a pod with two of a name would be made"
+        assert field in response["status"]["message"] and "infantry-" in response["status"]["message"]
+
+    forged = json.dumps({"image": web["image"], "containers": ["web"], "volumes": ["data"], "mounts": ["web"]})
+    spec = {"containers": [{**web, "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+            "volumes": [{"name": "data", "emptyDir": {}}]}  # fmt: skip
+    metadata = {"generateName": "web-", "labels": opted["labels"],
+                "annotations": {**opted["annotations"], "infantry.dev/status": forged}}  # fmt: skip
+    original = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+    answer = webhook.mutate(admission(original)).json()
+    mutated = apply(answer, copy.deepcopy(original))
+    assert [c["name"] for c in mutated["spec"]["containers"]] == ["web", "infantry-watch"]
+    assert [v["name"] for v in mutated["spec"]["volumes"]] == ["data", "infantry-configs"]
+    assert {"name": "data", "mountPath": "/data"} in mutated["spec"]["containers"][0]["volumeMounts"]
+
+
+def test_rejected_urls_are_redacted_in_the_denial_and_the_log(webhook: Webhook) -> None:
+    secret = "R3loadPass"
+    for annotation, url in {
+        "infantry.dev/source": f"ftp://deploy:{secret}@store.example/app?token={secret}",
+        "infantry.dev/reload-url": f"ftp://admin:{secret}@127.0.0.1:8080/-/reload",
+    }.items():
+        annotations = {"infantry.dev/inject": "true", "infantry.dev/source": SOURCE, annotation: url}
+        resp = webhook.mutate(admission(pod(annotations=annotations)))
+        response = resp.json()["response"]
+        assert response["allowed"] is False and annotation in response["status"]["message"]
+        assert secret not in resp.text
+    assert webhook.stop() == 0
+    log = (webhook.workdir / "webhook.log").read_text()
+    assert log.count("denied pod") == 2
+    assert secret not in log

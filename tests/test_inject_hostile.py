@@ -1,0 +1,334 @@
+"""`infantry inject` fed what a hostile or careless author writes: clashing names, forged status, alias
+bombs, wrongly shaped documents and URLs with passwords. Every refusal is exit 2 and one line."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from infantry.errors import SettingsError
+from infantry.inject import (
+    MAX_DEPTH,
+    MAX_INPUT_BYTES,
+    STATUS,
+    InjectOptions,
+    inject_document,
+    inject_pod,
+    load_documents,
+    read_documents,
+)
+from infantry.settings import load_settings
+from tests.support import infantry
+
+SOURCE = "etcd://etcd.config.svc:2379/app/"
+SECRET = "R3loadPass"
+
+
+def deployment(spec: Any = None, annotations: Any = None, labels: Any = None) -> dict[str, Any]:
+    """An opted-in Deployment; each part can be replaced by something wrongly shaped."""
+    template: dict[str, Any] = {
+        "metadata": {
+            "labels": {"app": "web", "infantry.dev/inject": "true"} if labels is None else labels,
+            "annotations": {"infantry.dev/source": SOURCE} if annotations is None else annotations,
+        },
+        "spec": {"containers": [{"name": "web", "image": "nginxinc/nginx-unprivileged:1.27-alpine"}]}
+        if spec is None
+        else spec,
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": template},
+    }
+
+
+def run_refused(tmp_path: Path, text: str) -> str:
+    """Run inject on ``text``; it must exit 2 with one error line and no traceback. Returns that line."""
+    path = tmp_path / "in.yaml"
+    path.write_text(text)
+    result = infantry("inject", "-f", str(path))
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, result.stderr
+    assert all(" WARNING " in line for line in result.stderr.splitlines() if line not in errors), result.stderr
+    assert result.stdout == ""
+    return errors[0]
+
+
+def app(name: str, image: str = "example/app:1", **fields: Any) -> dict[str, Any]:
+    return {"name": name, "image": image, **fields}
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "name"),
+    [
+        (
+            {"containers": [app("web")], "volumes": [{"name": "infantry-configs", "configMap": {"name": "c"}}]},
+            "spec.template.spec.volumes[0]",
+            "infantry-configs",
+        ),
+        ({"containers": [app("web"), app("infantry-watch")]}, "spec.template.spec.containers[1]", "infantry-watch"),
+        (
+            {"containers": [app("web")], "initContainers": [app("infantry-install")]},
+            "spec.template.spec.initContainers[0]",
+            "infantry-install",
+        ),
+    ],
+    ids=["volume", "container", "init-container"],
+)
+def test_a_pod_already_using_a_name_infantry_adds_is_refused(
+    tmp_path: Path, spec: dict[str, Any], field: str, name: str
+) -> None:
+    line = run_refused(tmp_path, yaml.safe_dump(deployment(spec)))
+    assert "document 1" in line and field in line and f"named {name}" in line
+
+
+def test_a_forged_status_never_takes_out_the_apps_own_objects() -> None:
+    """The status annotation names objects; only those that are exactly infantry's own go."""
+    spec = {
+        "shareProcessNamespace": True,
+        "initContainers": [app("migrate", args=["install"])],
+        "containers": [app("web", args=["watch"], volumeMounts=[{"name": "data", "mountPath": "/data"}])],
+        "volumes": [{"name": "data", "emptyDir": {}}],
+    }
+    forged = {
+        "image": "example/app:1",
+        "initContainers": ["migrate"],
+        "containers": ["web"],
+        "volumes": ["data"],
+        "mounts": ["web"],
+        "shareProcessNamespace": True,
+    }
+    options = InjectOptions(sources=(SOURCE,), image="infantry:1")
+    new_spec, _ = inject_pod(copy.deepcopy(spec), {STATUS: json.dumps(forged)}, options)
+    assert [c["name"] for c in new_spec["initContainers"]] == ["infantry-install", "migrate"]
+    assert [c["name"] for c in new_spec["containers"]] == ["web", "infantry-watch"]
+    assert [v["name"] for v in new_spec["volumes"]] == ["data", "infantry-configs"]
+    assert {"name": "data", "mountPath": "/data"} in new_spec["containers"][0]["volumeMounts"]
+    assert new_spec["shareProcessNamespace"] is True
+
+    # The app's own container called infantry-watch, even of the recorded image, is not infantry's:
+    # it stays, and the pod is refused rather than given a second one.
+    own = {"containers": [app("web"), app("infantry-watch", image="example/metrics:2", args=["--port=9100"])]}
+    claim = {"image": "example/metrics:2", "containers": ["infantry-watch"], "volumes": ["infantry-configs"]}
+    with pytest.raises(SettingsError, match=r"spec\.containers\[1\]: .*named infantry-watch"):
+        inject_pod(own, {STATUS: json.dumps(claim)}, options)
+
+
+def test_what_infantry_injected_is_still_recognised_and_replaced() -> None:
+    """The other side of the forged-status test: a real injection, under a bumped tag, is taken out."""
+    spec = {"containers": [app("web")]}
+    first, annotations = inject_pod(spec, {}, InjectOptions(sources=(SOURCE,), image="infantry:1", process="nginx"))
+    for container in [*first["containers"], *first["initContainers"]]:
+        if container["name"].startswith("infantry-"):
+            container["image"] = "infantry:1.0.1"  # edited by hand since: the same image family
+    again, _ = inject_pod(first, annotations, InjectOptions(sources=(SOURCE,), image="infantry:2", process="nginx"))
+    assert [c["name"] for c in again["containers"]] == ["web", "infantry-watch"]
+    assert [c["name"] for c in again["initContainers"]] == ["infantry-install"]
+    assert [v["name"] for v in again["volumes"]] == ["infantry-configs"]
+    assert [m["name"] for m in again["containers"][0]["volumeMounts"]] == ["infantry-configs"]
+    assert {c["image"] for c in again["containers"] if c["name"] == "infantry-watch"} == {"infantry:2"}
+
+
+BOMB_ANCHORS = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]'] + [
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 10)
+]
+
+
+def bomb_document(where: str) -> str:
+    """A Deployment whose annotation value, or container args, is 10**10 strings once expanded."""
+    lols = "\n".join("  " + line for line in BOMB_ANCHORS)
+    annotation = "*l9" if where == "annotation" else json.dumps(SOURCE)
+    args = "*l9" if where == "args" else "[]"
+    return f"""apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  labels:
+{lols}
+spec:
+  template:
+    metadata:
+      labels: {{infantry.dev/inject: "true"}}
+      annotations:
+        infantry.dev/source: {annotation}
+    spec:
+      containers:
+        - name: web
+          image: example/app:1
+          args: {args}
+"""
+
+
+def test_an_alias_bomb_in_an_annotation_is_refused_fast(tmp_path: Path) -> None:
+    started = time.monotonic()
+    line = run_refused(tmp_path, bomb_document("annotation"))
+    assert "document 1" in line
+    assert time.monotonic() - started < 20  # seconds, not minutes; a bug would run out of memory
+
+
+@pytest.mark.parametrize("where", ["annotation", "args"])
+def test_alias_bombs_anywhere_are_refused_while_loading(where: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(SettingsError, match=r"^file: document 1 is refused: more than \d+ nodes"):
+        load_documents(bomb_document(where))
+    assert time.monotonic() - started < 5
+
+
+def test_merge_key_bombs_recursive_aliases_and_deep_nesting_are_refused_while_loading() -> None:
+    merges = ["m0: &m0 {a: 1, b: 2}"] + [
+        f"m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 10)}]}}" for i in range(1, 12)
+    ]
+    cases = {
+        "\n".join(merges): "nodes once aliases are expanded",
+        "a: &a [1, *a]": "refers to a node that holds it",
+        "[" * 50_000 + "]" * 50_000: f"nested more than {MAX_DEPTH} levels",
+        "d: &d " + "[" * (MAX_DEPTH - 2) + "]" * (MAX_DEPTH - 2) + "\ne: [[[*d]]]": f"nested more than {MAX_DEPTH}",
+    }
+    for text, reason in cases.items():
+        started = time.monotonic()
+        with pytest.raises(SettingsError, match=r"^file: document 1 is refused") as caught:
+            load_documents(text)
+        assert reason in str(caught.value) and "\n" not in str(caught.value)
+        assert time.monotonic() - started < 5
+
+
+def test_ordinary_anchors_and_merge_keys_still_load() -> None:
+    text = "base: &base {image: example/app:1, ports: [80]}\nweb: {<<: *base, name: web}\nalso: *base\n---\n- x\n"
+    assert load_documents(text) == [
+        {
+            "base": {"image": "example/app:1", "ports": [80]},
+            "web": {"image": "example/app:1", "ports": [80], "name": "web"},
+            "also": {"image": "example/app:1", "ports": [80]},
+        },
+        ["x"],
+    ]
+    with pytest.raises(SettingsError, match=r"^file: document 2 is not valid YAML"):
+        load_documents("a: 1\n---\nkind: [unclosed\n")
+
+
+def test_input_over_the_size_cap_is_refused_without_reading_it_all() -> None:
+    class Endless(io.StringIO):
+        """Standard input that never ends; counts what was asked of it."""
+
+        asked = 0
+
+        def read(self, size: int | None = -1, /) -> str:
+            assert size is not None and size >= 0, "read without a bound"
+            self.asked += size
+            return "#" * size
+
+    stdin = Endless()
+    with pytest.raises(SettingsError, match=r"^file: the input is over \d+ MiB"):
+        read_documents("-", stdin)
+    assert stdin.asked == MAX_INPUT_BYTES + 1
+
+
+WRONG_SHAPES: list[tuple[str, dict[str, Any], str]] = [
+    ("container-is-a-string", deployment({"containers": ["web"]}), "spec.template.spec.containers[0]: expected a"),
+    ("containers-not-a-list", deployment({"containers": {"name": "web"}}), "spec.template.spec.containers: expected"),
+    ("no-containers", deployment({"volumes": []}), "spec.template.spec.containers: expected"),
+    ("spec-not-a-mapping", {**deployment(), "spec": "web"}, "spec: expected a mapping, got a string"),
+    ("pod-spec-a-list", deployment([1, 2]), "spec.template.spec: expected a mapping, got a list"),
+    ("annotations-a-list", deployment(annotations=["a"]), "spec.template.metadata.annotations: expected a mapping"),
+    ("labels-a-string", deployment(labels="app=web"), "spec.template.metadata.labels: expected a mapping"),
+    (
+        "annotation-value-a-mapping",
+        deployment(annotations={"infantry.dev/source": {"url": SOURCE}}),
+        "spec.template.metadata.annotations.infantry.dev/source: expected a string, got a mapping",
+    ),
+    ("metadata-a-string", {**deployment(), "metadata": "web"}, "metadata: expected a mapping, got a string"),
+    (
+        "mounts-a-string",
+        deployment({"containers": [app("web", volumeMounts="/data")]}),
+        "spec.template.spec.containers[0].volumeMounts: expected a list",
+    ),
+    (
+        "volume-without-a-name",
+        deployment({"containers": [app("web")], "volumes": [{"emptyDir": {}}]}),
+        "spec.template.spec.volumes[0].name: expected a string, got nothing",
+    ),
+    (
+        "cronjob-template-a-string",
+        {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c"}, "spec": {"jobTemplate": "x"}},
+        "spec.jobTemplate: expected a mapping",
+    ),
+    ("list-items-a-mapping", {"apiVersion": "v1", "kind": "List", "items": {"a": 1}}, "items: expected a list"),
+]
+
+
+@pytest.mark.parametrize(("doc", "field"), [case[1:] for case in WRONG_SHAPES], ids=[c[0] for c in WRONG_SHAPES])
+def test_a_wrongly_shaped_document_is_exit_2_naming_the_document_and_the_field(
+    tmp_path: Path, doc: dict[str, Any], field: str
+) -> None:
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, "spec": {}}
+    line = run_refused(tmp_path, yaml.safe_dump_all([service, doc]))
+    assert "document 2" in line and field in line
+
+
+def test_rejected_urls_are_never_echoed_with_their_password(tmp_path: Path) -> None:
+    cases = [
+        ("infantry.dev/source", f"ftp://deploy:{SECRET}@store.example/app?token={SECRET}", "ftp://deploy:***@"),
+        ("infantry.dev/reload-url", f"ftp://admin:{SECRET}@127.0.0.1:8080/-/reload", "ftp://admin:***@"),
+        ("infantry.dev/reload-url", f"http://admin:{SECRET}@[::1/-/reload", "a malformed URL"),
+    ]
+    for annotation, url, shown in cases:
+        annotations = {"infantry.dev/source": SOURCE, annotation: url}
+        line = run_refused(tmp_path, yaml.safe_dump(deployment(annotations=annotations)))
+        assert annotation in line and "document 1" in line
+        assert SECRET not in line
+        assert shown in line  # what can be shown is, so the user can find it
+
+
+SETTINGS = load_settings({"source": [SOURCE], "image": "infantry:test"}, {})
+SCALARS = st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+VALUES = st.recursive(SCALARS, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids,
+                      max_size=3), max_leaves=8)  # fmt: skip
+T = ("spec", "template")
+PLACES = [
+    ("spec",), T, (*T, "metadata"), (*T, "metadata", "labels"), (*T, "metadata", "annotations"),
+    (*T, "metadata", "annotations", "infantry.dev/source"), (*T, "metadata", "annotations", "infantry.dev/status"),
+    (*T, "spec"), (*T, "spec", "containers"), (*T, "spec", "containers", 0), (*T, "spec", "containers", 0, "name"),
+    (*T, "spec", "containers", 0, "volumeMounts"), (*T, "spec", "volumes"), (*T, "spec", "initContainers"),
+    (*T, "spec", "securityContext"), ("metadata",), ("kind",),
+]  # fmt: skip
+
+
+def step(target: Any, key: str | int) -> Any:
+    """``target[key]``, made a mapping if missing; None where the path no longer leads anywhere."""
+    if isinstance(target, dict) and isinstance(key, str):
+        return target.setdefault(key, {})
+    if isinstance(target, list) and isinstance(key, int) and key < len(target):
+        return target[key]
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(PLACES), VALUES), min_size=1, max_size=3))
+def test_any_value_anywhere_is_injected_or_refused_with_a_settings_error(changes: list[tuple[Any, Any]]) -> None:
+    doc: Any = deployment()
+    for place, value in changes:
+        target: Any = doc
+        for key in place[:-1]:
+            target = step(target, key)
+        if isinstance(target, dict) or step(target, place[-1]) is not None:
+            target[place[-1]] = value
+    try:
+        out = inject_document(doc, SETTINGS, annotate_only=False, warn=lambda _: None, where="document 1")
+    except SettingsError as exc:
+        message = str(exc)
+    else:
+        yaml.safe_dump(out)  # whatever came out can be written
+        return
+    assert "\n" not in message and "document 1" in message
