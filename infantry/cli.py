@@ -143,20 +143,28 @@ def _flags(given: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run(given: dict[str, Any], job: Callable[[Settings], Coroutine[Any, Any, int]]) -> None:
-    """Build the settings, run ``job``, and exit with the code its outcome or error calls for."""
+def _one_line(exc: BaseException) -> str:
+    """An error's message on one line, however its parts were joined."""
+    return " ".join(str(exc).split())
+
+
+def _run(
+    given: dict[str, Any], job: Callable[[Settings], Coroutine[Any, Any, int]], check_at_start: tuple[str, ...] = ()
+) -> None:
+    """Build the settings, check what ``check_at_start`` names, run ``job``, and exit with the code its
+    outcome or error calls for."""
     try:
-        settings = load_settings(_flags(given))
+        settings = load_settings(_flags(given), check_at_start=check_at_start)
     except SettingsError as exc:
         logs.configure("text", "info")
-        logger.error("%s", exc)
+        logger.error("%s", _one_line(exc))
         sys.exit(2)
     logs.configure(settings.log_format, settings.log_level)
     try:
         code = asyncio.run(job(settings))
     except InfantryError as exc:
         code = next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
-        logger.error("%s", exc)
+        logger.error("%s", _one_line(exc))
     except Exception:
         logger.exception("unexpected error; this is a bug in infantry")
         code = 1
@@ -182,7 +190,7 @@ def install(**given: Any) -> None:
         await run_install(settings, child_environment())
         return 0
 
-    _run(given, job)
+    _run(given, job, INSTALL)
 
 
 @main.command()
@@ -213,7 +221,7 @@ def watch(**given: Any) -> None:
         logger.info("stopped")
         return 0
 
-    _run(given, job)
+    _run(given, job, WATCH)
 
 
 @main.command()
@@ -269,7 +277,7 @@ def webhook(**given: Any) -> None:
         await asyncio.to_thread(serve, settings, _stop_event())
         return 0
 
-    _run(given, job)
+    _run(given, job, WEBHOOK)
 
 
 def _stop_event() -> threading.Event:

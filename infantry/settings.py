@@ -6,14 +6,19 @@ The README's settings table is generated from this model by ``settings_table()``
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import re
+import shlex
+import shutil
 import signal as signal_module
-from collections.abc import Mapping
-from dataclasses import dataclass
+import stat
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,6 +31,30 @@ from infantry.snapshot import Limits, check_path
 
 ENV_PREFIX = "INFANTRY_"
 SCHEMES = ("file", "http", "https", "etcd", "etcds")
+MAX_SECONDS = 366 * 24 * 3600.0
+"""The longest duration any setting takes: a year. Larger values only overflow timers."""
+MAX_CONFIG_BYTES = 1 << 20
+"""The largest ``--config`` file read; a settings file is a few kilobytes."""
+
+
+def redact_url(url: str) -> str:
+    """The URL without password, query string or fragment, safe to put in a message.
+
+    A URL that does not parse, or with an ``@`` after its host (a password holding ``/``, ``?`` or
+    ``#``, not percent-encoded), is cut to its scheme, so no part of a secret is repeated.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is None or url.count("@") > parts.netloc.count("@") or not parts.scheme.isascii():
+        scheme = url.partition(":")[0]
+        return f"{scheme[:20] if scheme.isascii() and scheme.isalnum() else '?'}://…"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
 
 
 @dataclass(frozen=True)
@@ -43,15 +72,49 @@ class Wait:
             lo = float(low)
             hi = float(high) if high else lo * 4
         except ValueError:
-            raise ValueError(f"expected MIN[:MAX] in seconds, got {text!r}") from None
+            raise ValueError(f"expected MIN[:MAX] in seconds, like 2:10, got {text!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi)) or hi > MAX_SECONDS:
+            raise ValueError(f"expected seconds up to {MAX_SECONDS:g}, like 2:10, got {text!r}")
         if lo < 0 or hi < lo:
-            raise ValueError(f"expected 0 <= MIN <= MAX, got {text!r}")
+            raise ValueError(f"expected 0 <= MIN <= MAX, like 2:10, got {text!r}")
         return cls(lo, hi)
+
+
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+"""A duration setting: more than zero, at most a year."""
 
 
 def _split_words(value: Any) -> Any:
     """A list in an environment variable is separated by whitespace or newlines."""
     return value.split() if isinstance(value, str) else value
+
+
+def source_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a source, with a hint, or None when it can; never quotes a secret."""
+    if not url.isprintable():
+        return "the URL holds a control character"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "the host cannot be read; expected SCHEME://HOST[:PORT]/path"
+    scheme = parts.scheme
+    if scheme not in SCHEMES:
+        shown = scheme[:20] if scheme.isascii() else "?"
+        return f"unsupported scheme {shown!r}; supported: {', '.join(SCHEMES)}"
+    if scheme in ("etcd", "etcds") and "," in parts.netloc:
+        return f"several etcd endpoints are not supported yet; give one, like {scheme}://HOST:2379/prefix/"
+    try:
+        port = parts.port
+    except ValueError:
+        return "the port cannot be read; expected SCHEME://HOST:PORT/path with a port up to 65535"
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            return "expected file:///absolute/path"
+    elif not parts.hostname:
+        return f"no host; expected {scheme}://HOST{':PORT' if scheme.startswith('etcd') else ''}/..."
+    elif scheme in ("etcd", "etcds") and port is None:
+        return f"no port; expected {scheme}://HOST:PORT/prefix/ (etcd listens on 2379)"
+    return None
 
 
 class SourceSpec(BaseModel):
@@ -80,9 +143,9 @@ class SourceSpec(BaseModel):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        scheme = urlsplit(url).scheme
-        if scheme not in SCHEMES:
-            raise ValueError(f"unsupported source URL scheme {scheme!r} (supported: {', '.join(SCHEMES)})")
+        problem = source_url_problem(url)
+        if problem is not None:
+            raise ValueError(f"{redact_url(url)}: {problem}")
         return url
 
     @field_validator("dir")
@@ -121,28 +184,26 @@ class Settings(BaseSettings):
     check: str | None = Field(
         None, description="Command run on the staged set before it goes live; the staged path is appended."
     )
-    check_timeout: float = Field(30.0, gt=0, description="Seconds the check command may take.")
-    timeout: float = Field(60.0, gt=0, description="`install`: seconds to keep trying the source before giving up.")
+    check_timeout: Seconds = Field(30.0, description="Seconds the check command may take.")
+    timeout: Seconds = Field(60.0, description="`install`: seconds to keep trying the source before giving up.")
     fallback: Path | None = Field(None, description="`install`: directory published when the source stays unreachable.")
-    interval: float = Field(10.0, gt=0, description="Seconds between polls (HTTP) or resyncs (file).")
+    interval: Seconds = Field(10.0, description="Seconds between polls (HTTP) or resyncs (file).")
     wait: Annotated[Wait, NoDecode] = Field(
         Wait(0.0, 0.0), description="Debounce `MIN[:MAX]` seconds before publishing a change."
     )
-    publish_timeout: float = Field(
-        60.0, gt=0, description="Seconds writing a set into the destination may take (the check has its own)."
+    publish_timeout: Seconds = Field(
+        60.0, description="Seconds writing a set into the destination may take (the check has its own)."
     )
-    request_timeout: float = Field(
-        30.0, gt=0, description="HTTP and etcd: seconds one whole request may take, body included."
+    request_timeout: Seconds = Field(
+        30.0, description="HTTP and etcd: seconds one whole request may take, body included."
     )
-    watch_timeout: float = Field(
+    watch_timeout: Seconds = Field(
         660.0,
-        gt=0,
         description="etcd: a watch stream silent this long is broken and reopened "
         "(keep it above etcd's progress-notify interval, 10 minutes by default).",
     )
-    stale_after: float | None = Field(
+    stale_after: Seconds | None = Field(
         None,
-        gt=0,
         description="`/healthz` fails once a source has not answered, or the destination has not matched "
         "the store, for this many seconds (default: 3 intervals, at least 30, and above the wait's MAX).",
     )
@@ -151,16 +212,16 @@ class Settings(BaseSettings):
     pid_file: Path | None = Field(None, description="Signal the process whose PID is in this file.")
     reload_url: str | None = Field(None, description="URL called on reload; a 2xx answer is expected.")
     reload_method: str = Field("POST", description="HTTP method for `reload-url`.")
-    reload_timeout: float = Field(10.0, gt=0, description="Seconds allowed for the reload call, retries included.")
+    reload_timeout: Seconds = Field(10.0, description="Seconds allowed for the reload call, retries included.")
     verify_url: str | None = Field(
         None, description="After a reload, GET this URL until it answers 2xx; if it never does, roll back."
     )
     verify_cmd: str | None = Field(
         None, description="After a reload, run this command until it exits 0; if it never does, roll back."
     )
-    verify_timeout: float = Field(10.0, gt=0, description="Seconds the app has to pass verification after a reload.")
+    verify_timeout: Seconds = Field(10.0, description="Seconds the app has to pass verification after a reload.")
     exec: str | None = Field(None, description="Command run on reload (no shell).")
-    exec_timeout: float = Field(30.0, gt=0, description="Seconds the reload command may take.")
+    exec_timeout: Seconds = Field(30.0, description="Seconds the reload command may take.")
     listen: str | None = Field(None, description="`HOST:PORT` serving `/healthz`, `/readyz`, `/status` and `/metrics`.")
     header: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Extra HTTP header `Name: value` for every source; repeatable."
@@ -235,7 +296,12 @@ class Settings(BaseSettings):
     @field_validator("file_mode", mode="before")
     @classmethod
     def _octal(cls, value: Any) -> Any:
-        return int(value, 8) if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        digits = value.strip().lower().removeprefix("0o")
+        if not digits or not digits.isascii() or not digits.isdigit() or not set(digits) <= set("01234567"):
+            raise ValueError(f"expected an octal mode (digits 0 to 7) like 0644, got {value[:20]!r}")
+        return int(digits, 8)
 
     @field_validator("file_mode")
     @classmethod
@@ -271,8 +337,39 @@ class Settings(BaseSettings):
     @field_validator("reload_url", "verify_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and urlsplit(value).scheme not in ("http", "https"):
-            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        if value is None:
+            return value
+        problem = None if value.isprintable() else "the URL holds a control character"
+        if problem is None:
+            try:
+                parts = urlsplit(value)
+                parts.port  # noqa: B018  (reading it checks it)
+            except ValueError:
+                problem = "its host or port cannot be read"
+            else:
+                if parts.scheme not in ("http", "https") or not parts.hostname:
+                    problem = "expected an http:// or https:// URL"
+        if problem is not None:
+            raise ValueError(f"{problem}, got {redact_url(value)!r}")
+        return value
+
+    @field_validator("check", "exec", "verify_cmd")
+    @classmethod
+    def _command(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                argv = shlex.split(value)
+            except ValueError as exc:
+                raise ValueError(f"cannot split the command into words ({exc}); check its quotes") from None
+            if not argv:
+                raise ValueError("the command is empty; give a program and its arguments, or leave it unset")
+        return value
+
+    @field_validator("dest", mode="before")
+    @classmethod
+    def _dest(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty; give the directory to publish into, like /configs")
         return value
 
     @model_validator(mode="after")
@@ -345,25 +442,145 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Read a YAML settings file. Keys may use ``-`` or ``_``; ``sources`` is accepted for ``source``."""
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading plain scalars by the YAML 1.2 core schema.
+
+    YAML 1.1 reads ``1:5`` as the base-60 number 65, ``0644`` as octal and ``yes``/``on`` as true;
+    YAML 1.2 (and every other modern reader) keeps the first and last as strings and ``0644`` as
+    decimal. Aliases of lists or mappings are refused, so a small file cannot expand into a huge one.
+    """
+
+    yaml_implicit_resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]] = {}  # noqa: RUF012
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        """Refuse an alias of a collection before it is shared."""
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            node = self.anchors.get(str(getattr(event, "anchor", "")))
+            if node is not None and not isinstance(node, yaml.ScalarNode):
+                raise yaml.composer.ComposerError(
+                    None, None, "aliases of lists or mappings are not accepted here", event.start_mark
+                )
+        return super().compose_node(parent, index)
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = str(loader.construct_scalar(node))  # type: ignore[arg-type]
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if text.startswith("0o"):
+            return int(text[2:], 8)
+        if text.startswith("0x"):
+            return int(text[2:], 16)
+        return int(text, 10)
+    except ValueError:
+        raise yaml.constructor.ConstructorError(None, None, "the number is too long", node.start_mark) from None
+
+
+def _yaml12_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
+    text = str(loader.construct_scalar(node)).lower()  # type: ignore[arg-type]
+    if text.endswith(".inf"):
+        return -math.inf if text.startswith("-") else math.inf
+    if text == ".nan":
+        return math.nan
+    return float(text)
+
+
+for _tag, _pattern, _first in (
+    ("tag:yaml.org,2002:null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:bool", r"true|True|TRUE|false|False|FALSE", list("tTfF")),
+    ("tag:yaml.org,2002:int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", list("-+0123456789")),
+    (
+        "tag:yaml.org,2002:float",
+        r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+        list("-+0123456789."),
+    ),
+):
+    Yaml12Loader.add_implicit_resolver(_tag, re.compile(rf"^(?:{_pattern})$"), _first)
+Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
+Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _yaml12_float)
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """A YAML error as one line: where, then what."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        what = exc.problem or exc.context or "cannot be read"
+        return f"line {mark.line + 1}, column {mark.column + 1}: {' '.join(what.split())}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        before = text[: exc.position]
+        line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
+        return f"line {line}, column {column}: character {exc.character!r} is not allowed in YAML"
+    return " ".join(str(exc).split())
+
+
+def _did_you_mean(key: str, known: Collection[str]) -> str:
+    """``; did you mean 'x'?`` for a misspelt key, or a pointer to the list of settings."""
+    close = difflib.get_close_matches(key.replace("_", "-"), [k.replace("_", "-") for k in known], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else "; see `infantry COMMAND --help` for the settings"
+
+
+def _shown_key(key: object) -> str:
+    return repr(key if isinstance(key, str) and len(key) <= 60 else str(key)[:60])
+
+
+def _normalise_keys(path: Path, where: str, values: Mapping[Any, Any], known: Collection[str]) -> dict[str, Any]:
+    """``values`` with ``-`` in keys read as ``_``; an unknown key is refused, naming the file and the key."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_") if isinstance(key, str) else None
+        if name not in known:
+            raise SettingsError(f"{path}: unknown key {_shown_key(key)}{where}{_did_you_mean(str(key), known)}")
+        assert name is not None
+        if name in out:
+            raise SettingsError(f"{path}: {key!r}{where} is given twice")
+        out[name] = value
+    return out
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML settings file. Keys may use ``-`` or ``_``; ``sources`` is accepted for ``source``.
+
+    Scalars are read as YAML 1.2 reads them, and every mistake is one line naming the file.
+    """
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise SettingsError(f"config: cannot read {path}: {exc.strerror}") from exc
+        raise SettingsError(f"config: cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a NUL in the path
+        raise SettingsError(f"config: cannot read {str(path)!r}: {exc}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise SettingsError(f"config: {path} is larger than {MAX_CONFIG_BYTES} bytes; is it the right file?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        loaded = yaml.load(text, Loader=Yaml12Loader)  # noqa: S506  (a safe loader)
     except yaml.YAMLError as exc:
-        raise SettingsError(f"config: {path} is not valid YAML: {exc}") from exc
+        raise SettingsError(f"{path}: not valid YAML at {_yaml_problem(exc, text)}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise SettingsError(f"config: {path} must hold a mapping of settings")
-    values = {str(key).replace("-", "_"): value for key, value in loaded.items()}
-    if "sources" in values:
-        if "source" in values:
-            raise SettingsError(f"config: {path} has both 'source' and 'sources'")
-        values["source"] = values.pop("sources")
-    if "config" in values:
-        raise SettingsError(f"config: {path} cannot name another config file")
+        raise SettingsError(f"{path}: expected a mapping of settings, like 'interval: 5', at the top level")
+    known = [name for name in Settings.model_fields if name != "config"]
+    if "config" in loaded:
+        raise SettingsError(f"{path}: 'config' cannot name another config file; merge the two files")
+    if "sources" in loaded:
+        if "source" in loaded:
+            raise SettingsError(f"{path}: has both 'source' and 'sources'; keep one")
+        loaded["source"] = loaded.pop("sources")
+    values = _normalise_keys(path, "", loaded, known)
+    if isinstance(values.get("file_mode"), int):
+        raise SettingsError(f'{path}: file_mode: give it as an octal string, e.g. "0644" (quoted)')
+    sources = values.get("source")
+    if isinstance(sources, list):
+        values["source"] = [
+            _normalise_keys(path, f" in source #{i + 1}", item, list(SourceSpec.model_fields))
+            if isinstance(item, dict)
+            else item
+            for i, item in enumerate(sources)
+        ]
     return values
 
 
@@ -379,36 +596,177 @@ def read_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]
     return {key: value for key, value in values.items() if value is not None}
 
 
-def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
-    """Build the settings: flag over environment over config file over default."""
+@dataclass(frozen=True)
+class Origins:
+    """Where each setting came from, so a message names it the way the user gave it."""
+
+    flags: Collection[str] = ()
+    env: Collection[str] = ()
+    config: Path | None = None
+    from_file: Collection[str] = field(default_factory=frozenset)
+
+    def name(self, setting: str) -> str:
+        """``--name``, ``INFANTRY_NAME``, ``FILE: name``, or ``name`` for a default."""
+        if setting in self.flags:
+            return f"--{setting.replace('_', '-')}"
+        if setting in self.env:
+            return env_name(setting)
+        if setting in self.from_file and self.config is not None:
+            return f"{self.config}: {setting}"
+        return setting.replace("_", "-")
+
+
+def load_settings(
+    flags: Mapping[str, Any], environ: Mapping[str, str] | None = None, *, check_at_start: Collection[str] = ()
+) -> Settings:
+    """Build the settings: flag over environment over config file over default.
+
+    ``check_at_start`` names the settings a command is about to use; those that point at files,
+    directories or programs are checked now (see :func:`check_paths`), not when first used.
+    """
     env = read_environment(os.environ if environ is None else environ)
     config_path = flags.get("config") or env.get("config")
     from_file = read_config_file(Path(config_path)) if config_path else {}
+    origins = Origins(set(flags), set(env), Path(config_path) if config_path else None, set(from_file))
     merged = {**from_file, **env, **flags}
     try:
-        return Settings(**merged)
+        settings = Settings(**merged)
     except ValidationError as exc:
-        raise SettingsError(describe_validation_error(exc, env, flags)) from None
+        raise SettingsError(describe_validation_error(exc, origins)) from None
+    check_paths(settings, check_at_start, origins)
+    return settings
 
 
-def describe_validation_error(exc: ValidationError, env: Mapping[str, Any], flags: Mapping[str, Any]) -> str:
-    """One line per problem, naming the setting the way the user gave it."""
+def describe_validation_error(exc: ValidationError, origins: Origins) -> str:
+    """One line for all the problems, naming each setting the way the user gave it.
+
+    The input values are never quoted: pydantic's own text would repeat a password or a token.
+    """
     lines = []
-    for error in exc.errors(include_url=False, include_input=False):
-        loc = [str(part) for part in error["loc"]]
-        field = loc[0] if loc else ""
-        if not field:
-            name = "settings"
-        elif field in flags:
-            name = f"--{field.replace('_', '-')}"
-        elif field in env:
-            name = env_name(field)
-        else:
-            name = field.replace("_", "-")
-        where = ".".join(loc[1:])
-        message = str(error["msg"]).removeprefix("Value error, ")
-        lines.append(f"{name}{'.' + where if where else ''}: {message}")
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        loc = [part for part in error["loc"]]
+        name = origins.name(str(loc[0])) if loc else "settings"
+        rest = loc[1:]
+        if loc and loc[0] == "source" and rest and isinstance(rest[0], int):
+            name += f" #{rest[0] + 1}"
+            rest = [part for part in rest[1:] if part != "url"]
+        where = "".join(f".{part}" for part in rest)
+        message = " ".join(str(error["msg"]).removeprefix("Value error, ").split())
+        lines.append(f"{name}{where}: {message}")
     return "; ".join(lines)
+
+
+FILE_HINTS = {
+    "ca_file": "a PEM bundle of the CAs that sign the server's certificate",
+    "client_cert": "the client certificate, in PEM",
+    "client_key": "the client certificate's key, in PEM",
+    "bearer_token_file": "a file holding the bearer token, such as a mounted Secret",
+    "password_file": "a file holding the basic-auth password, such as a mounted Secret",
+    "tls_cert_file": "the webhook's TLS certificate, in PEM",
+    "tls_key_file": "the webhook's TLS key, in PEM",
+}
+"""The settings naming a file that must be there at start, and what to give instead."""
+
+PROGRAMS = ("check", "exec", "verify_cmd")
+
+
+def check_paths(settings: Settings, names: Collection[str], origins: Origins = Origins()) -> None:
+    """Check now what the named settings point at: files to read, the fallback, programs, the destination.
+
+    The first problem found is raised as a SettingsError naming the setting, with a hint.
+    """
+    for name in names:
+        value = getattr(settings, name, None)
+        if value is None:
+            continue
+        problem: str | None = None
+        if name in FILE_HINTS:
+            problem = _file_problem(value, FILE_HINTS[name])
+        elif name == "fallback":
+            problem = _fallback_problem(value)
+        elif name == "dest":
+            problem = _dest_problem(value)
+        elif name in PROGRAMS:
+            problem = _program_problem(value)
+        if problem is not None:
+            raise SettingsError(f"{origins.name(name)}: {problem}")
+    if "source" in names and "ca_file" in names:
+        for i, spec in enumerate(settings.source):
+            for name, hint in FILE_HINTS.items():
+                value = getattr(spec, name, None)
+                problem = _file_problem(value, hint) if value is not None else None
+                if problem is not None:
+                    raise SettingsError(f"{origins.name('source')} #{i + 1}: {name.replace('_', '-')}: {problem}")
+
+
+def _stat(path: Path) -> os.stat_result | str:
+    """The stat of ``path`` (links followed), or why it cannot be had."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return "no such file or directory"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    except ValueError as exc:
+        return str(exc)
+
+
+def _file_problem(path: Path, hint: str) -> str | None:
+    st = _stat(path)
+    if isinstance(st, str):
+        return f"cannot read {str(path)!r}: {st}; give the path of {hint}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{str(path)!r} is not a regular file; give the path of {hint}"
+    if not os.access(path, os.R_OK):
+        return f"{str(path)!r} cannot be read (permission denied); give the path of {hint}, readable by infantry"
+    return None
+
+
+def _fallback_problem(path: Path) -> str | None:
+    st = _stat(path)
+    hint = "give a directory, baked into the image, holding the set to publish when the store is down"
+    if isinstance(st, str):
+        return f"cannot use {str(path)!r}: {st}; {hint}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{str(path)!r} is not a directory; {hint}"
+    if not os.access(path, os.R_OK | os.X_OK):
+        return f"{str(path)!r} cannot be read (permission denied); {hint}"
+    return None
+
+
+def _dest_problem(path: Path) -> str | None:
+    hint = "give a directory (the volume shared with the app), or a path where one can be made"
+    target = path
+    while True:
+        try:
+            st = target.stat()
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            if target.parent == target:
+                return None
+            target = target.parent
+        except OSError as exc:
+            return f"cannot use {str(path)!r}: {exc.strerror or exc}; {hint}"
+        except ValueError as exc:
+            return f"cannot use {str(path)!r}: {exc}; {hint}"
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "is a file" if stat.S_ISREG(st.st_mode) else "is not a directory"
+        where = repr(str(path)) if target == path else f"{str(target)!r} (on the way to {str(path)!r})"
+        return f"{where} {kind}, not a directory; {hint}"
+    return None
+
+
+def _program_problem(command: str) -> str | None:
+    program = shlex.split(command)[0]
+    if shutil.which(program) is not None:
+        return None
+    shown = repr(program[:200])
+    if "/" not in program:
+        return f"program {shown} is not found in PATH; give its full path, or install it in infantry's image"
+    st = _stat(Path(program))
+    if isinstance(st, str):
+        return f"program {shown} cannot be run: {st}; give the path of an executable in infantry's container"
+    return f"program {shown} is not an executable file; give the path of one (chmod +x), in infantry's container"
 
 
 def settings_table() -> str:

@@ -98,7 +98,7 @@ def test_config_file_errors(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="not valid YAML"):
         load_settings({"config": str(bad)}, {})
     bad.write_text("unknown_setting: 1\n")
-    with pytest.raises(SettingsError, match="unknown-setting"):
+    with pytest.raises(SettingsError, match="unknown key 'unknown_setting'"):
         load_settings({"config": str(bad)}, {})
     with pytest.raises(SettingsError, match="cannot read"):
         load_settings({"config": str(tmp_path / "missing.yaml")}, {})
