@@ -29,7 +29,7 @@ import shutil
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -237,6 +237,99 @@ def _expected_dirs(snapshot: Snapshot) -> dict[str, set[str]]:
     for path in snapshot.files:
         children.pop(path, None)
     return children
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class NotADirectory(PublishError):
+    """A directory of the set, on disk, is a link or a file: infantry does not go through it."""
+
+    def __init__(self, rel: str) -> None:
+        super().__init__(f"{printable(rel)} is not a plain directory; infantry does not go through it")
+        self.rel = rel
+
+
+class _Dirs:
+    """The directories under a root, opened a component at a time with ``O_NOFOLLOW``.
+
+    Every write, rename and removal in the destination happens relative to a descriptor from here, so
+    a link planted anywhere in the tree (even between a check and a write) is never followed: opening
+    it fails instead. Descriptors are cached (a set is written a directory at a time) and the least
+    recently used are closed past ``cap``.
+    """
+
+    def __init__(self, root_fd: int, *, create: bool = False, replace_links: bool = False, cap: int = 64) -> None:
+        self._root = root_fd
+        self._create = create
+        self._replace_links = replace_links
+        self._cap = cap
+        self._fds: dict[str, int] = {}  # insertion order is recency
+
+    def __enter__(self) -> _Dirs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def forget(self, rel: str) -> None:
+        """Close the descriptors of ``rel`` and below: it is about to be removed."""
+        for cached in [c for c in self._fds if c == rel or c.startswith(rel + "/")]:
+            os.close(self._fds.pop(cached))
+
+    def of(self, rel: str) -> tuple[int, str]:
+        """The descriptor of the directory holding ``rel``, and the name of ``rel`` in it."""
+        parent, _, name = rel.rpartition("/")
+        return self.fd(parent), name
+
+    def fd(self, rel: str) -> int:
+        """The descriptor of directory ``rel`` ("" is the root); NotADirectory if a link or file is in the way."""
+        if not rel:
+            return self._root
+        fd = self._fds.pop(rel, None)
+        if fd is None:
+            parts = rel.split("/")
+            depth = len(parts)
+            while depth > 0 and "/".join(parts[:depth]) not in self._fds:
+                depth -= 1
+            here = "/".join(parts[:depth])
+            fd = self._fds[here] if depth else self._root
+            for part in parts[depth:]:
+                here = f"{here}/{part}" if here else part
+                fd = self._open(fd, part, here)
+                self._keep(here, fd)
+            self._fds.pop(rel)
+        self._keep(rel, fd)
+        return fd
+
+    def _keep(self, rel: str, fd: int) -> None:
+        self._fds[rel] = fd
+        while len(self._fds) > self._cap:
+            oldest = next(iter(self._fds))
+            os.close(self._fds.pop(oldest))
+
+    def _open(self, parent_fd: int, name: str, rel: str) -> int:
+        if self._create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, DIR_MODE, dir_fd=parent_fd)
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+            if not (self._replace_links and stat.S_ISLNK(st.st_mode)):
+                raise NotADirectory(rel) from None
+            logger.warning("replacing %s, a link where a directory of the set belongs; its target is untouched",
+                           printable(rel))  # fmt: skip
+            os.unlink(name, dir_fd=parent_fd)  # the link itself, never what it points at
+            os.mkdir(name, DIR_MODE, dir_fd=parent_fd)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        if self._create:
+            os.fchmod(fd, DIR_MODE)  # not narrowed by the umask
+        return fd
 
 
 class Publisher(Protocol):
@@ -628,41 +721,29 @@ class KubeletPublisher:
         now = time.time_ns()
         if old is not None and self._current_dir is not None:
             with contextlib.suppress(OSError):
-                old_fd = os.open(self.dest / self._current_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        new_fd = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        made: set[str] = {""}
+                old_fd = os.open(self.dest / self._current_dir, _DIR_FLAGS)
+        new_fd = os.open(staged, _DIR_FLAGS)
         ledger = Ledger()
         try:
-            for path, entry in snapshot.files.items():
-                parent = path.rpartition("/")[0]
-                if parent not in made:
-                    self._make_dirs(new_fd, parent, made)
-                if old_fd is not None and old is not None and old.files.get(path) == entry:
-                    try:
-                        if _still_holds(self._ledger, path, old_fd, entry):
-                            os.link(path, path, src_dir_fd=old_fd, dst_dir_fd=new_fd, follow_symlinks=False)
-                            # The link moved the inode's ctime: record the stat as it is now.
-                            ledger.record(path, os.stat(path, dir_fd=new_fd, follow_symlinks=False), now)
-                            continue
-                    except OSError:
-                        pass  # a hard link is only a saving; write a copy instead
-                ledger.record(path, _write_new(path, entry, self._file_mode, new_fd), now)
+            with _Dirs(new_fd, create=True) as new_dirs, _Dirs(old_fd if old_fd is not None else new_fd) as old_dirs:
+                for path, entry in snapshot.files.items():
+                    parent_fd, name = new_dirs.of(path)
+                    if old_fd is not None and old is not None and old.files.get(path) == entry:
+                        try:
+                            old_parent, _ = old_dirs.of(path)
+                            if _still_holds(self._ledger, path, old_fd, entry):
+                                os.link(name, name, src_dir_fd=old_parent, dst_dir_fd=parent_fd, follow_symlinks=False)
+                                # The link moved the inode's ctime: record the stat as it is now.
+                                ledger.record(path, os.stat(name, dir_fd=parent_fd, follow_symlinks=False), now)
+                                continue
+                        except OSError:
+                            pass  # a hard link is only a saving; write a copy instead
+                    ledger.record(path, _write_new(name, entry, self._file_mode, parent_fd), now)
         finally:
             os.close(new_fd)
             if old_fd is not None:
                 os.close(old_fd)
         return ledger
-
-    @staticmethod
-    def _make_dirs(dir_fd: int, rel: str, made: set[str]) -> None:
-        parts = rel.split("/")
-        for depth in range(1, len(parts) + 1):
-            sub = "/".join(parts[:depth])
-            if sub not in made:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(sub, DIR_MODE, dir_fd=dir_fd)
-                os.chmod(sub, DIR_MODE, dir_fd=dir_fd)  # not narrowed by the umask
-                made.add(sub)
 
     def _remove_stale_links(self, snapshot: Snapshot) -> None:
         wanted = snapshot.top_level()
@@ -736,15 +817,21 @@ class DirectPublisher:
         if not self._loaded:
             self._loaded = True
             files: dict[str, FileEntry] = {}
-            for rel in self._manifest():
-                try:
-                    if self._linked_parent(rel) is not None:
-                        return None
-                    content, st = _read_content(self.dest / rel)
-                except OSError:
-                    return None
-                files[rel] = FileEntry(content, executable=bool(st.st_mode & 0o100))
-                self._ledger.record(rel, st)
+            try:
+                dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            try:
+                with _Dirs(dest_fd) as dirs:
+                    for rel in self._manifest():
+                        parent_fd, name = dirs.of(rel)
+                        content, st = _read_content(name, parent_fd)
+                        files[rel] = FileEntry(content, executable=bool(st.st_mode & 0o100))
+                        self._ledger.record(rel, st)
+            except OSError:  # including a link or a file where a directory of the set belongs
+                return None
+            finally:
+                os.close(dest_fd)
             self._current = Snapshot.of(files) if files else None
         return self._current
 
@@ -755,118 +842,92 @@ class DirectPublisher:
             return "the destination holds no complete set"
         if current.version != snapshot.version:
             return f"the destination holds {current.short_version}"
-        for rel in snapshot.files:
-            linked = self._linked_parent(rel)
-            if linked is not None:
-                return f"{printable(linked)} is no longer a plain directory"
+        try:
+            dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            return f"the destination cannot be read: {exc.strerror}"
+        try:
+            with _Dirs(dest_fd) as dirs:
+                for rel in snapshot.files:
+                    dirs.of(rel)
+        except NotADirectory as exc:
+            return f"{printable(exc.rel)} is no longer a plain directory"
+        except OSError as exc:
+            return f"the destination cannot be read: {exc.strerror}"
+        finally:
+            os.close(dest_fd)
         return _check_files(self.dest, snapshot, self._ledger, self._file_mode)
-
-    def _parents(self, rel: str) -> Iterator[Path]:
-        parts = rel.split("/")[:-1]
-        for depth in range(1, len(parts) + 1):
-            yield self.dest.joinpath(*parts[:depth])
-
-    def _linked_parent(self, rel: str) -> str | None:
-        """The first directory above ``rel`` that is a link or not a directory, if any."""
-        for directory in self._parents(rel):
-            try:
-                st = directory.lstat()
-            except FileNotFoundError:
-                return None
-            if not stat.S_ISDIR(st.st_mode):
-                return directory.relative_to(self.dest).as_posix()
-        return None
-
-    def _unlink_linked_dirs(self, paths: list[str]) -> None:
-        """Remove links that took the place of directories of the set; the link only, never its target."""
-        seen: set[Path] = set()
-        for rel in paths:
-            for directory in self._parents(rel):
-                if directory in seen:
-                    continue
-                seen.add(directory)
-                if directory.is_symlink():
-                    logger.warning("replacing %s, a link where infantry's directory was; its target is untouched",
-                                   directory)  # fmt: skip
-                    os.unlink(directory)
-
-    def _safe_parent(self, rel: str) -> None:
-        """Create the directories above ``rel`` inside the destination, refusing links on the way."""
-        for directory in self._parents(rel):
-            try:
-                st = directory.lstat()
-            except FileNotFoundError:
-                directory.mkdir(DIR_MODE)
-                continue
-            if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-                raise PublishError(f"refusing to write through {directory}: it is not a plain directory")
 
     def publish(self, snapshot: Snapshot, gate: Gate | None = None) -> bool:
         """Stage every file, run the gate, then rename each changed file into place.
 
+        Every step is taken relative to directories opened without following links (:class:`_Dirs`): a
+        link found where a directory of the set belongs is replaced by a directory (the link itself is
+        removed, never what it points at), and nothing is written or removed through one.
         Returns False, writing nothing, when every file is already in place and intact.
         """
         if self.verify(snapshot) is None:
             return False
         current = self._current
         old = current.files if current is not None else {}
+        staged_name = f"{TMP_PREFIX}staged-{os.getpid()}-{time.monotonic_ns()}"
         try:
             self.dest.mkdir(parents=True, exist_ok=True)
             for leftover in os.scandir(self.dest):
                 if leftover.name.startswith(TMP_PREFIX):
                     _remove(Path(leftover.path))
-            staged = self.dest / f"{TMP_PREFIX}staged-{os.getpid()}-{time.monotonic_ns()}"
-            staged.mkdir(DIR_MODE)
+            dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise PublishError(f"cannot prepare {self.dest}: {exc}") from exc
         ledger = Ledger()
+        staged_fd = None
         try:
-            for path, entry in snapshot.files.items():
-                (staged / path).parent.mkdir(DIR_MODE, parents=True, exist_ok=True)
-                ledger.record(path, _write_new(staged / path, entry, self._file_mode))
-            dirs = _expected_dirs(snapshot)
-            for rel in dirs:
-                os.chmod(staged / rel if rel else staged, DIR_MODE)  # not narrowed by the umask
-            if gate is not None:
-                gate(staged)
-                if _check_tree(staged, snapshot, dirs, ledger, self._file_mode) is not None:
-                    raise CheckFailed("the check command changed the staged set; a check may only read it")
-            self._unlink_linked_dirs([*old, *snapshot.files])
-            # Stale files go first, so a name that turns from a directory into a file (or back) is free.
-            for path in sorted(set(old) - set(snapshot.files), reverse=True):
-                linked = self._linked_parent(path)
-                if linked is not None:
-                    # Never remove through a link: what it points at is outside the destination.
-                    raise PublishError(f"refusing to remove {printable(path)}: {printable(linked)} is not a directory")
-                _remove(self.dest / path)
-                self._prune(path)
-            dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
+            os.mkdir(staged_name, DIR_MODE, dir_fd=dest_fd)
+            staged_fd = os.open(staged_name, _DIR_FLAGS, dir_fd=dest_fd)
+            os.fchmod(staged_fd, DIR_MODE)
+            with _Dirs(staged_fd, create=True) as staged, _Dirs(dest_fd, create=True, replace_links=True) as live:
+                for path, entry in snapshot.files.items():
+                    parent_fd, name = staged.of(path)
+                    ledger.record(path, _write_new(name, entry, self._file_mode, parent_fd))
+                if gate is not None:
+                    gate(self.dest / staged_name)
+                    if _check_tree(self.dest / staged_name, snapshot, _expected_dirs(snapshot), ledger,
+                                   self._file_mode) is not None:  # fmt: skip
+                        raise CheckFailed("the check command changed the staged set; a check may only read it")
+                # Stale files go first, so a name that turns from a directory into a file (or back) is free.
+                for path in sorted(set(old) - set(snapshot.files), reverse=True):
+                    parent_fd, name = live.of(path)
+                    _remove_at(parent_fd, name)
+                    self._prune(live, path)
                 unchanged = set()
                 for path, entry in snapshot.files.items():
                     with contextlib.suppress(OSError):
                         if old.get(path) == entry and _still_holds(self._ledger, path, dest_fd, entry):
                             ledger.record(path, os.stat(path, dir_fd=dest_fd, follow_symlinks=False))
                             unchanged.add(path)
-            finally:
-                os.close(dest_fd)
-            for path in snapshot.files:
-                if path in unchanged:
-                    continue
-                target = self.dest / path
-                self._safe_parent(path)
-                if target.is_dir() and not target.is_symlink():
-                    raise PublishError(f"refusing to replace directory {target} with a file")
-                os.rename(staged / path, target)
-                ledger.rebase(path, target.lstat())  # rename(2) moved the ctime, nothing else
-            tmp_manifest = staged / MANIFEST
-            tmp_manifest.write_text(json.dumps(sorted(snapshot.files)), encoding="utf-8")
-            os.rename(tmp_manifest, self.dest / MANIFEST)
+                for path in snapshot.files:
+                    if path in unchanged:
+                        continue
+                    parent_fd, name = live.of(path)
+                    with contextlib.suppress(FileNotFoundError):
+                        if stat.S_ISDIR(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode):
+                            raise PublishError(f"refusing to replace directory {printable(path)} with a file")
+                    os.rename(name, name, src_dir_fd=staged.of(path)[0], dst_dir_fd=parent_fd)
+                    # rename(2) moved the ctime, nothing else
+                    ledger.rebase(path, os.stat(name, dir_fd=parent_fd, follow_symlinks=False))
+            fd = os.open(MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=staged_fd)  # fmt: skip
+            with open(fd, "w", encoding="utf-8") as manifest:
+                manifest.write(json.dumps(sorted(snapshot.files)))
+            os.rename(MANIFEST, MANIFEST, src_dir_fd=staged_fd, dst_dir_fd=dest_fd)
         except OSError as exc:
             raise PublishError(f"cannot publish into {self.dest}: {exc}") from exc
         finally:
+            if staged_fd is not None:
+                os.close(staged_fd)
             with contextlib.suppress(OSError):
-                shutil.rmtree(staged)
+                shutil.rmtree(staged_name, dir_fd=dest_fd)
+            os.close(dest_fd)
         self._current, self._ledger, self._loaded = snapshot, ledger, True
         return True
 
@@ -877,9 +938,27 @@ class DirectPublisher:
         """Not offered in this layout: there is no previous set to swap back to atomically."""
         return None
 
-    def _prune(self, rel: str) -> None:
-        for directory in reversed(list(self._parents(rel))):
+    @staticmethod
+    def _prune(live: _Dirs, rel: str) -> None:
+        """Remove the directories above ``rel`` that its removal left empty."""
+        parent = rel.rpartition("/")[0]
+        while parent:
+            above_fd, name = live.of(parent)
+            live.forget(parent)
             try:
-                directory.rmdir()
+                os.rmdir(name, dir_fd=above_fd)
             except OSError:
                 return
+            parent = parent.rpartition("/")[0]
+
+
+def _remove_at(dir_fd: int, name: str) -> None:
+    """Remove ``name`` under ``dir_fd``: a file or link (never what a link points at), or a directory tree."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)

@@ -25,8 +25,6 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.secret_guard import note_output
-
 HELPERS = Path(__file__).parent / "helpers"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # How long a helper keeps retrying what only failed for lack of CPU (a pass racing a swap, a refused
@@ -106,6 +104,8 @@ def infantry(*args: str, env: dict[str, str] | None = None, timeout: float = 60)
         [sys.executable, "-m", "infantry", *args], capture_output=True, text=True, env=full_env, timeout=timeout
     )
     # Searched for the test secrets at the end of the session (the label names no argument: they may be secret).
+    from tests.secret_guard import note_output  # here, not at the top: pytest loads the guard as a plugin first
+
     note_output(f"output of infantry {args[0] if args else ''}", result.stdout + result.stderr)
     return result
 
@@ -133,6 +133,8 @@ def infantry_measured(
         env=full_env,
         timeout=timeout,
     )
+    from tests.secret_guard import note_output
+
     note_output(f"output of infantry {args[0] if args else ''}", result.stdout + result.stderr)
     return result, int(peak.read_text()) / 1024
 

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
+from infantry import publish as publish_module
 from infantry.errors import CheckFailed, PublishError
 from infantry.publish import DATA, PREVIOUS, DirectPublisher, KubeletPublisher
 from infantry.snapshot import FileEntry, Snapshot
@@ -158,3 +160,61 @@ def test_direct_layout_never_writes_or_removes_through_a_linked_directory(tmp_pa
     assert read_as_app(dest) == {"sub/x": "1"}
     assert sorted(p.name for p in outside.iterdir()) == ["gone", "x"]  # the link's target is untouched
     assert (outside / "x").read_text() == "not infantry's"
+
+
+def test_a_link_swapped_in_mid_publish_is_never_written_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both layouts write and rename by descriptor: a directory of the set swapped for a link after it
+    was checked (here, just before each file is written) is not followed."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    real_write = publish_module._write_new
+    swapped: list[Path] = []
+
+    def write_after_a_swap(path: Path | str, entry: FileEntry, mode: int, dir_fd: int | None = None) -> os.stat_result:
+        for staged_sub in (tmp_path / "configs").glob("*/sub"):
+            if not staged_sub.is_symlink() and staged_sub not in swapped:
+                staged_sub.rename(staged_sub.with_name("sub-moved"))
+                staged_sub.symlink_to(outside)
+                swapped.append(staged_sub)
+        return real_write(path, entry, mode, dir_fd)
+
+    monkeypatch.setattr(publish_module, "_write_new", write_after_a_swap)
+    wanted = snap(sub__a="1", sub__b="2", sub__c="3")
+    for publisher in (KubeletPublisher(tmp_path / "configs", 0o644), DirectPublisher(tmp_path / "configs", 0o644)):
+        try:
+            publisher.publish(wanted)
+        except PublishError:
+            pass
+        else:  # the writes went on into the directory itself, by its descriptor
+            if isinstance(publisher, KubeletPublisher):
+                assert publisher.verify(wanted) is not None  # the staged set is the live one: repaired next
+            else:
+                assert publisher.verify(wanted) is None  # staged files were moved from the directory itself
+                assert read_as_app(tmp_path / "configs") == {"sub/a": "1", "sub/b": "2", "sub/c": "3"}
+        assert swapped and list(outside.iterdir()) == [], "a file was written through the link"
+        shutil.rmtree(tmp_path / "configs")
+        swapped.clear()
+
+
+def test_directories_are_opened_without_following_links(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("not infantry's")
+    root = tmp_path / "root"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "link").symlink_to(outside)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with publish_module._Dirs(fd) as dirs, pytest.raises(publish_module.NotADirectory) as refused:
+            dirs.of("real/link/keep")
+        assert refused.value.rel == "real/link"
+        with publish_module._Dirs(fd, create=True, replace_links=True) as dirs:
+            parent_fd, name = dirs.of("real/link/new")
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT, dir_fd=parent_fd))
+    finally:
+        os.close(fd)
+    assert (root / "real" / "link").is_dir() and not (root / "real" / "link").is_symlink()
+    assert sorted(p.name for p in outside.iterdir()) == ["keep"]
+    assert (root / "real" / "link" / "new").exists()

@@ -559,3 +559,37 @@ def test_watch_survives_deeply_nested_json_from_etcd(
     gateway.deep = False
     wait_until("the update once the gateway behaves", lambda: read_as_app(dest) == {"a": "2"}, timeout=15)
     assert_following(watch)
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_directory_swapped_for_a_link_mid_read_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Between the listing of ``sub`` and the opening of a file in it, ``sub`` becomes a link to a
+    secret directory: the file opened is checked by its descriptor, so the secret is never read."""
+    from infantry.errors import SourceError, UnsafeDataError
+    from infantry.snapshot import Limits
+    from infantry.sources import file as file_module
+
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "a").write_text("TOP-SECRET\n")
+    store = tmp_path / "store"
+    (store / "sub").mkdir(parents=True)
+    (store / "sub" / "a").write_text("ours\n")
+    if kind == "link":
+        (store / "sub" / "a").rename(store / "real-a")
+        (store / "sub" / "a").symlink_to("../real-a")
+        (secret / "real-a").write_text("TOP-SECRET\n")
+    real_add = file_module._add_file
+
+    def add_after_a_swap(builder: Any, path: Path, rel: str, **kwargs: Any) -> None:
+        if rel == "sub/a" and not (store / "sub").is_symlink():
+            (store / "sub").rename(tmp_path / "moved")
+            (store / "sub").symlink_to(secret)
+        real_add(builder, path, rel, **kwargs)
+
+    monkeypatch.setattr(file_module, "_add_file", add_after_a_swap)
+    with pytest.raises((SourceError, UnsafeDataError)) as refused:
+        file_module.read_tree(store, "file://store", Limits())
+    assert "outside the tree" in str(refused.value) and "TOP-SECRET" not in str(refused.value)

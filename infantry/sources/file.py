@@ -90,8 +90,16 @@ def _read_once(root: Path, name: str, limits: Limits) -> Snapshot:
     # (2) A kubelet-style volume is read from the one snapshot directory ``..data`` names right now.
     snapshot_dir = _snapshot_dir(root, name)
     base = root if snapshot_dir is None else root / snapshot_dir
-    # (3) Walk it, following links only to regular files inside it.
-    _walk(builder, base)
+    try:
+        real_base = Path(os.path.realpath(base, strict=True))
+        real_root = Path(os.path.realpath(root, strict=True))
+    except OSError as exc:
+        raise _os_error(name, str(base), exc) from exc
+    if snapshot_dir is not None and real_base != real_root / snapshot_dir:
+        raise _Raced(builder.reject(f"{root}/{snapshot_dir} was replaced by a link while it was read"))
+    # (3) Walk it, following links only to regular files inside it; every file opened is checked to be
+    # inside it by what its descriptor is, so a link swapped in after a check is caught.
+    _walk(builder, base, real_base)
     # (4) If ``..data`` moved meanwhile, the snapshot read may be the one being removed: read again.
     if snapshot_dir is not None and _snapshot_dir(root, name) != snapshot_dir:
         raise _Raced(SourceError(name, f"{root}/..data kept moving while it was read"))
@@ -122,12 +130,8 @@ def _snapshot_dir(root: Path, name: str) -> str | None:
     return target
 
 
-def _walk(builder: SnapshotBuilder, base: Path) -> None:
+def _walk(builder: SnapshotBuilder, base: Path, real_base: Path) -> None:
     name = builder.source
-    try:
-        real_base = Path(os.path.realpath(base, strict=True))
-    except OSError as exc:
-        raise _os_error(name, str(base), exc) from exc
     pending = [base]
     while pending:
         here = pending.pop()
@@ -148,9 +152,9 @@ def _walk(builder: SnapshotBuilder, base: Path) -> None:
                 builder.check_dir(rel)
                 pending.append(path)
             elif is_link:
-                _add_file(builder, _link_target(builder, path, rel, real_base), rel)
+                _add_file(builder, _link_target(builder, path, rel, real_base), rel, inside=real_base)
             else:
-                _add_file(builder, path, rel)
+                _add_file(builder, path, rel, inside=real_base)
 
 
 def _link_target(builder: SnapshotBuilder, path: Path, rel: str, real_base: Path) -> Path:
@@ -167,8 +171,22 @@ def _link_target(builder: SnapshotBuilder, path: Path, rel: str, real_base: Path
     return target
 
 
-def _add_file(builder: SnapshotBuilder, path: Path, rel: str, *, follow: bool = False) -> None:
-    """Read one regular file. Unless ``follow``, a final link is not followed: links were checked already."""
+def _opened_path(fd: int) -> Path | None:
+    """Where the file behind ``fd`` is, as the kernel resolved it; None where /proc cannot say."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
+
+
+def _add_file(
+    builder: SnapshotBuilder, path: Path, rel: str, *, follow: bool = False, inside: Path | None = None
+) -> None:
+    """Read one regular file. Unless ``follow``, a final link is not followed: links were checked already.
+
+    With ``inside``, the file opened must be under that directory, whatever links were swapped in on
+    the way since they were checked.
+    """
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
@@ -177,6 +195,10 @@ def _add_file(builder: SnapshotBuilder, path: Path, rel: str, *, follow: bool = 
             raise _Raced(builder.reject(f"{printable(rel)} keeps changing into a link")) from exc
         raise _os_error(builder.source, printable(rel), exc) from exc
     with open(fd, "rb", closefd=True) as handle:
+        if inside is not None:
+            opened = _opened_path(handle.fileno())
+            if opened is not None and not opened.is_relative_to(inside):
+                raise _Raced(builder.reject(f"{printable(rel)} is a link to something outside the tree"))
         st = os.fstat(handle.fileno())
         if stat.S_ISDIR(st.st_mode):
             raise _Raced(builder.reject(f"{printable(rel)} is a link to a directory, not to a regular file"))
