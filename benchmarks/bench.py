@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import os
 import platform
 import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +275,126 @@ def install_cold_start(etcd: Etcd, work: Path, runs: int) -> tuple[list[Row], di
     return rows, {"install100_ratio": ratio100}
 
 
+# -- memory: large sets and refusals for size --------------------------------------------------------
+
+POD_LIMIT_MIB = 128  # the memory limit `inject` gives the containers by default
+IDLE_100K_TARGET_MIB = 80
+_PEAK = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:], capture_output=True).returncode; "
+    "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+def peak_run(argv: Sequence[str]) -> tuple[int, float]:
+    """Run ``argv``; its exit code and peak RSS in MiB (the kernel's high-water mark, at exit)."""
+    out = subprocess.run([PY, "-c", _PEAK, *argv], capture_output=True, text=True, check=True).stdout.split()
+    return int(out[0]), int(out[1]) / 1024
+
+
+def hwm_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _tar(files: dict[str, bytes], path: Path) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def memory(etcd: Etcd, nginx: Nginx, work: Path) -> tuple[list[Row], dict[str, float]]:
+    floor = peak_run([PY, "-c", DEPENDENCY_IMPORTS])[1]
+    base = f"import floor {floor:.1f}"
+    rows: list[Row] = []
+
+    def row(measure: str, peak: float, target: float = POD_LIMIT_MIB, note: str = "") -> None:
+        rows.append(Row(measure, f"{peak:.1f}{note}", base, f"<= {target} MiB", _yes(peak <= target)))
+
+    mib = 1 << 20
+    # A legitimate 100 MiB set: 100 files of 1 MiB, inside the default limits.
+    _tar({f"part-{i:03d}.bin": os.urandom(mib) for i in range(100)}, nginx.root / "big.tar")
+    dest = work / "memory-big"
+    code, peak = peak_run([*INFANTRY, "install", "--source", nginx.url("big.tar"), "--dest", str(dest)])
+    row("Install, 100 MiB set (100 files of 1 MiB over HTTP): peak RSS (MiB)", peak, note=f" (exit {code})")
+    port = free_port()
+    watch = spawn(
+        [*INFANTRY, "watch", "--source", nginx.url("big.tar"), "--dest", str(dest), "--interval", "1",
+         "--log-level", "warning", "--listen", f"127.0.0.1:{port}"]
+    )  # fmt: skip
+    wait_for("the watch to be ready", functools.partial(_ready, port), 60, 0.05)
+    marker = b"changed " + os.urandom(8).hex().encode()
+    _tar({f"part-{i:03d}.bin": marker + os.urandom(mib - len(marker)) for i in range(100)}, nginx.root / "big.new")
+    (nginx.root / "big.new").rename(nginx.root / "big.tar")
+    wait_for("the change to be published", lambda: (dest / "part-099.bin").read_bytes()[: len(marker)] == marker, 120)
+    wait_for("the watch to be ready again", functools.partial(_ready, port), 60, 0.05)
+    row("Watch through a change of that 100 MiB set: peak RSS (MiB)", hwm_mib(watch.pid))
+    watch.terminate()
+    watch.wait()
+
+    # Refusals for size: each must happen before RSS passes the pod's limit.
+    with httpx.Client(timeout=30) as client:
+        for i in range(300):
+            value = _b64("x" * (mib - 16))
+            client.post(etcd.endpoint + "/v3/kv/put", json={"key": _b64(f"/huge/v{i:03d}"), "value": value})
+    code, peak = peak_run([*INFANTRY, "install", "--source", etcd.url("/huge/"), "--dest", str(work / "m-etcd")])
+    row("Refusing 300 etcd values of 1 MiB (limit 128 MiB): peak RSS (MiB)", peak, note=f" (exit {code})")
+    with zipfile.ZipFile(nginx.root / "wide.zip", "w") as archive:
+        for i in range(400_000):
+            archive.writestr(f"f{i}", b"")
+    code, peak = peak_run([*INFANTRY, "install", "--source", nginx.url("wide.zip"), "--dest", str(work / "m-zip")])
+    row("Refusing a zip of 400,000 central-directory entries: peak RSS (MiB)", peak, note=f" (exit {code})")
+    (nginx.root / "gz").mkdir(exist_ok=True)
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    with (nginx.root / "gz" / "bomb.yaml.gz").open("wb") as bomb:
+        for _ in range(1024):
+            bomb.write(squeeze.compress(bytes(mib)))
+        bomb.write(squeeze.flush())
+    code, peak = peak_run([*INFANTRY, "install", "--source", nginx.url("gz/bomb.yaml"), "--dest", str(work / "m-gz")])
+    row("Refusing a gzip Content-Encoding bomb (1 GiB of zeros): peak RSS (MiB)", peak, note=f" (exit {code})")
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    with (nginx.root / "bomb.tar.gz").open("wb") as bomb:
+        header = tarfile.TarInfo("zeros.bin")
+        header.size = 1 << 30
+        bomb.write(squeeze.compress(header.tobuf()))
+        for _ in range(1024):
+            bomb.write(squeeze.compress(bytes(mib)))
+        bomb.write(squeeze.flush())
+    code, peak = peak_run([*INFANTRY, "install", "--source", nginx.url("bomb.tar.gz"), "--dest", str(work / "m-tgz")])
+    row("Refusing a tar.gz bomb (a 1 GiB member): peak RSS (MiB)", peak, note=f" (exit {code})")
+    noisy = work / "noisy-check"
+    noisy.write_text("#!/bin/sh\nhead -c 300000000 /dev/zero | tr '\\0' x >&2\nexit 1\n")
+    noisy.chmod(0o755)
+    (work / "small-store").mkdir(exist_ok=True)
+    (work / "small-store" / "app.yaml").write_text("a: 1\n")
+    code, peak = peak_run(
+        [*INFANTRY, "install", "--source", f"file://{work / 'small-store'}", "--dest", str(work / "m-check"),
+         "--check", str(noisy)]
+    )  # fmt: skip
+    row("A --check writing 300 MB to stderr: install peak RSS (MiB)", peak, note=f" (exit {code})")
+
+    # Many small keys, held by an idle watch.
+    for start in range(0, 100_000, 5000):
+        etcd.txn({f"/many/k{i:06d}.yaml": f"key: {i}\n" * 5 for i in range(start, start + 5000)})
+    port = free_port()
+    dest = work / "memory-many"
+    watch = spawn(
+        [*INFANTRY, "watch", "--source", etcd.url("/many/"), "--dest", str(dest), "--log-level", "warning",
+         "--listen", f"127.0.0.1:{port}"]
+    )  # fmt: skip
+    wait_for("the watch to be ready", functools.partial(_ready, port), 120, 0.05)
+    time.sleep(5)  # the measure is of an idle watch: read what it holds once it has been idle a while
+    idle = rss_kib(watch.pid) / 1024
+    watch.terminate()
+    watch.wait()
+    rows.append(Row("Idle watch holding 100,000 small etcd keys: RSS (MiB)", f"{idle:.1f}", base,
+                    f"<= {IDLE_100K_TARGET_MIB} MiB", _yes(idle <= IDLE_100K_TARGET_MIB)))  # fmt: skip
+    return rows, {"idle_100k_mib": idle}
+
+
 # -- idle cost and poll load (measured together) ----------------------------------------------------
 
 
@@ -448,6 +572,9 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=200, help="puts in the propagation run")
     parser.add_argument("--idle-seconds", type=float, default=60)
     parser.add_argument("--runs", type=int, default=5, help="repeats of each cold start")
+    parser.add_argument(
+        "--only", choices=("propagation", "install", "scale", "memory", "idle"), help="run one phase (for development)"
+    )
     args = parser.parse_args()
     started = time.monotonic()
     rows: list[Row] = []
@@ -458,14 +585,17 @@ def main() -> int:
         etcd.start()
         nginx.start()
         try:
-            log("propagation")
-            rows += propagation(etcd, work, args.changes)[0]
-            log("install cold start")
-            rows += install_cold_start(etcd, work, args.runs)[0]
-            log("scale")
-            rows += scale(etcd, work, 10)[0]
-            log(f"idle cost and poll load ({args.idle_seconds:.0f} s)")
-            rows += idle_and_poll(etcd, nginx, work, args.idle_seconds)[0]
+            phases: list[tuple[str, Callable[[], tuple[list[Row], dict[str, float]]]]] = [
+                ("propagation", lambda: propagation(etcd, work, args.changes)),
+                ("install", lambda: install_cold_start(etcd, work, args.runs)),
+                ("scale", lambda: scale(etcd, work, 10)),
+                ("memory", lambda: memory(etcd, nginx, work)),
+                ("idle", lambda: idle_and_poll(etcd, nginx, work, args.idle_seconds)),
+            ]
+            for name, phase in phases:
+                if args.only in (None, name):
+                    log(name)
+                    rows += phase()[0]
         finally:
             for child in CHILDREN:
                 if child.poll() is None:
