@@ -233,16 +233,9 @@ def inject(native: bool | None, **given: Any) -> None:
         given["mode"] = "native" if native else "classic"
 
     async def job(settings: Settings) -> int:
-        from infantry.inject import inject_document
+        from infantry.inject import inject_document, read_documents
 
-        text = sys.stdin.read() if settings.file == "-" else _read_file(settings.file)
-        documents: list[Any] = []
-        try:
-            for document in yaml.safe_load_all(text):
-                documents.append(document)
-        except yaml.YAMLError as exc:
-            detail = " ".join(str(exc).split())
-            raise SettingsError(f"file: document {len(documents) + 1} is not valid YAML: {detail}") from None
+        documents = read_documents(settings.file, sys.stdin)
         out = [
             inject_document(doc, settings, annotate_only=settings.annotate_only, warn=_warn, where=f"document {i + 1}")
             for i, doc in enumerate(documents)
@@ -252,14 +245,6 @@ def inject(native: bool | None, **given: Any) -> None:
         return 0
 
     _run(given, job)
-
-
-def _read_file(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise SettingsError(f"file: cannot read {path}: {exc.strerror}") from exc
 
 
 def _warn(message: str) -> None:

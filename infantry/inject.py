@@ -18,8 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from infantry.errors import InvalidAnnotation, SettingsError
-from infantry.settings import SCHEMES, Settings, load_settings
-from infantry.sources import redact_url
+from infantry.settings import SCHEMES, Settings, load_settings, redact_url
 
 PREFIX = "infantry.dev/"
 INJECT = PREFIX + "inject"
@@ -158,11 +157,9 @@ def _scheme(url: str) -> str:
 
 
 def _shown_url(url: str) -> str:
-    """``url`` quoted for a message, without its password or query string."""
-    try:
-        return repr(redact_url(url))
-    except ValueError:
-        return "a malformed URL"
+    """``url`` quoted for a message, without its password or query string (cut to its scheme when it
+    does not parse)."""
+    return repr(redact_url(url))
 
 
 _ENV_TO_KEY = {

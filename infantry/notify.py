@@ -19,8 +19,8 @@ from infantry.errors import NotifyError
 from infantry.process import run_command
 from infantry.retry import Backoff
 from infantry.secrets import read_small
+from infantry.settings import redact_url
 from infantry.snapshot import Snapshot
-from infantry.sources import redact_url
 
 logger = logging.getLogger(__name__)
 

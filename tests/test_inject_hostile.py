@@ -281,7 +281,7 @@ def test_rejected_urls_are_never_echoed_with_their_password(tmp_path: Path) -> N
     cases = [
         ("infantry.dev/source", f"ftp://deploy:{SECRET}@store.example/app?token={SECRET}", "ftp://deploy:***@"),
         ("infantry.dev/reload-url", f"ftp://admin:{SECRET}@127.0.0.1:8080/-/reload", "ftp://admin:***@"),
-        ("infantry.dev/reload-url", f"http://admin:{SECRET}@[::1/-/reload", "a malformed URL"),
+        ("infantry.dev/reload-url", f"http://admin:{SECRET}@[::1/-/reload", "'http://…'"),
     ]
     for annotation, url, shown in cases:
         annotations = {"infantry.dev/source": SOURCE, annotation: url}
@@ -332,3 +332,8 @@ def test_any_value_anywhere_is_injected_or_refused_with_a_settings_error(changes
         yaml.safe_dump(out)  # whatever came out can be written
         return
     assert "\n" not in message and "document 1" in message
+
+
+def test_an_alias_bomb_anywhere_is_refused_by_the_command(tmp_path: Path) -> None:
+    line = run_refused(tmp_path, bomb_document("args"))
+    assert "document 1 is refused" in line

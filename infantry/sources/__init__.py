@@ -5,10 +5,10 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator
 from typing import Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 from infantry.errors import SettingsError
 from infantry.settings import Settings, SourceSpec
+from infantry.settings import redact_url as redact_url  # the one definition; sources name it from here
 from infantry.snapshot import Limits, Snapshot
 
 
@@ -30,17 +30,6 @@ class Source(Protocol):
 
     async def aclose(self) -> None:
         """Release connections and watchers."""
-
-
-def redact_url(url: str) -> str:
-    """The URL without password or query string, safe to log."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, host = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
-    query = "***" if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def tls_hint(exc: BaseException) -> str | None:

@@ -25,9 +25,9 @@ from infantry import spool
 from infantry.archive import archive_kind, inflate_cap, unpack
 from infantry.errors import SettingsError, SourceError, UnsafeDataError
 from infantry.secrets import read_secret
-from infantry.settings import SourceSpec
+from infantry.settings import SourceSpec, redact_url
 from infantry.snapshot import FileEntry, Limits, Snapshot, SnapshotBuilder, printable
-from infantry.sources import redact_url, tls_hint
+from infantry.sources import tls_hint
 
 JITTER = 0.1
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
