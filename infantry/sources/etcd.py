@@ -1,10 +1,14 @@
 """``etcd://`` and ``etcds://`` sources, through etcd's v3 JSON gateway (no gRPC needed).
 
-Every key under the prefix becomes a file named by the key relative to the prefix. The source reads the
-whole prefix in pages pinned to one revision, then follows a watch stream from the next revision. After a
-broken stream it resumes from the last revision seen, so nothing is missed; if that revision has been
-compacted away, or the store was rebuilt from scratch (a new cluster ID, or a revision lower than one
-already seen), it reads everything again and watches from there.
+Every key under the prefix becomes a file named by the key relative to the prefix. The source counts
+the keys, reads them in pages pinned to one revision, then follows a watch stream from the next
+revision. After a broken stream it resumes from the last revision seen, so nothing is missed; if that
+revision has been compacted away, or the store was rebuilt from scratch (a new cluster ID, or a revision
+lower than one already seen), it reads everything again and watches from there.
+
+Memory is bounded whatever the store holds: every answer is read with a byte cap, pages shrink until
+they fit theirs, and a value is checked against the limits before it is decoded, then kept as a
+FileEntry (in the spool when large), never as a second copy in memory.
 
 Every request has a whole-request deadline (``request_timeout``): a unary call, and a watch stream
 until its response headers arrive. Only SourceError, UnsafeDataError and SettingsError leave this module.
@@ -19,27 +23,44 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
+from infantry import spool
 from infantry.errors import SettingsError, SourceError, UnsafeDataError
 from infantry.secrets import read_secret
 from infantry.settings import SourceSpec
-from infantry.snapshot import Limits, Snapshot, SnapshotBuilder, printable
+from infantry.snapshot import FileEntry, Limits, Snapshot, SnapshotBuilder, printable
 from infantry.sources import redact_url
 from infantry.sources.http import build_client
 
 logger = logging.getLogger(__name__)
 
-PAGE_SIZE = 1000
+PAGE_SIZE = 5000
+"""The most keys one page asks for."""
+PAGE_BYTES = 4 << 20
+"""The most bytes of one page's answer; a page that passes it is asked again with fewer keys."""
+REPLY_BYTES = 1 << 20
+"""The most bytes of any other answer (a login, a count, a probe, an error)."""
+JSON_ROOM = 64 << 10
+"""Room beside one value in an answer: its key, revisions and the JSON around them."""
+READ_ATTEMPTS = 3
+"""Reads of the whole prefix started over (the store rebuilt or compacted meanwhile) before giving up."""
+
 _UNAUTHENTICATED = 16  # the gRPC status etcd answers for a missing or expired token
+_OUT_OF_RANGE = 11  # ... and for a revision compacted away
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def _b64_size(value: str) -> int:
+    """The length of what the base64 text ``value`` decodes to, without decoding it."""
+    return len(value) // 4 * 3 - value[-2:].count("=")
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -48,6 +69,19 @@ def prefix_end(prefix: bytes) -> bytes:
     if not trimmed:
         return b"\0"  # the whole keyspace
     return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+class _TooLarge(Exception):
+    """An answer passed its byte cap after ``size`` bytes, of which ``values`` began a value."""
+
+    def __init__(self, size: int, values: int = 0) -> None:
+        super().__init__(size)
+        self.size = size
+        self.values = values
+
+
+class _Compacted(Exception):
+    """A page asked for a revision that has been compacted away meanwhile."""
 
 
 class EtcdSource:
@@ -78,15 +112,21 @@ class EtcdSource:
         self._request_timeout = request_timeout
         self._client = client if client is not None else build_client(spec)
         self._token: str | None = None
-        self._kv: dict[bytes, bytes] | None = None
+        # The prefix as last read and followed: file name (the key after the prefix) -> content. Once
+        # a Snapshot is built from it, this is that Snapshot's own mapping (copied when events come),
+        # so an idle watch holds each name and entry once, in one dict.
+        self._kv: Mapping[str, FileEntry] | None = None
         self._revision = 0  # the revision self._kv reflects
         self._behind = False  # the last quiet-stream probe found the store ahead of the stream
         # What the store's response headers said: a different cluster, or a revision going backwards,
         # means the store was rebuilt from scratch and self._kv describes a store that is gone.
         self._cluster_id: str | None = None
         self._store_revision = 0
-        # A watch line never needs more than the whole prefix, base64-encoded, with room for JSON.
-        self._max_line = limits.max_total_size * 2 + (1 << 20)
+        # One value alone in an answer: the largest file allowed, base64-encoded, with room for JSON.
+        self._single_cap = limits.max_file_size * 4 // 3 + 4 + JSON_ROOM
+        # A watch line is never held past this: a larger one is dropped and the prefix read by pages.
+        self._max_line = max(PAGE_BYTES, self._single_cap)
+        self._answer_bytes = 0  # the size of the last answer read whole
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -112,31 +152,73 @@ class EtcdSource:
 
     def _headers(self) -> dict[str, str]:
         headers = dict(self._spec.headers)
+        # Bodies are counted as they arrive; a compressed one could grow past the cap inside one chunk.
+        headers["Accept-Encoding"] = "identity"
         if self._token is not None:
             headers["Authorization"] = self._token  # etcd wants the bare token, no "Bearer"
         return headers
 
-    async def _post(self, path: str, body: dict[str, Any], *, authenticate: bool = True) -> dict[str, Any]:
-        """POST to the gateway; re-authenticate once if the token was rejected."""
+    async def _body(self, resp: httpx.Response, cap: int, *, truncate: bool = False) -> bytearray:
+        """The response body, read as it streams: _TooLarge past ``cap`` bytes (or cut there, with ``truncate``)."""
+        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise self._malformed(f"a compressed answer (Content-Encoding: {encoding[:40]}), though none was asked for")
+        body = bytearray()
+        async for chunk in resp.aiter_raw():
+            if len(body) + len(chunk) > cap:
+                if truncate:
+                    body += chunk[: cap - len(body)]
+                    break
+                # Base64 has no quotes, so only the field names count: how many values had begun.
+                raise _TooLarge(len(body) + len(chunk), body.count(b'"value"'))
+            body += chunk
+        self._answer_bytes = len(body)
+        return body
+
+    async def _exchange(self, path: str, body: dict[str, Any], cap: int) -> tuple[int, str, bytearray]:
+        """One POST: the status, its reason and the body (an error's cut to REPLY_BYTES)."""
+        try:
+            async with (
+                asyncio.timeout(self._request_timeout),
+                self._client.stream("POST", self._base + path, json=body, headers=self._headers()) as resp,
+            ):
+                if resp.status_code != 200:
+                    return resp.status_code, resp.reason_phrase, await self._body(resp, REPLY_BYTES, truncate=True)
+                return resp.status_code, resp.reason_phrase, await self._body(resp, cap)
+        except TimeoutError as exc:
+            raise self._error(f"{path} took longer than {self._request_timeout:g}s") from exc
+        except (httpx.HTTPError, ssl.SSLError) as exc:
+            raise self._error(f"request failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _post(
+        self, path: str, body: dict[str, Any], *, cap: int | None = None, authenticate: bool = True
+    ) -> dict[str, Any]:
+        """POST to the gateway; re-authenticate once if the token was rejected.
+
+        The answer is read up to ``cap`` bytes, past which _TooLarge is raised; without a cap, up to
+        REPLY_BYTES, past which the answer is malformed (no login, count or probe needs that much).
+        """
         if authenticate and self._token is None:
             await self._authenticate()
         for attempt in (1, 2):
             try:
-                async with asyncio.timeout(self._request_timeout):
-                    resp = await self._client.post(self._base + path, json=body, headers=self._headers())
-            except TimeoutError as exc:
-                raise self._error(f"{path} took longer than {self._request_timeout:g}s") from exc
-            except (httpx.HTTPError, ssl.SSLError) as exc:
-                raise self._error(f"request failed: {type(exc).__name__}: {exc}") from exc
-            if resp.status_code != 200:
-                answer = self._decode_error(resp.content)
-                if authenticate and attempt == 1 and self._rejected_token(resp.status_code, answer):
+                status, reason, raw = await self._exchange(path, body, cap or REPLY_BYTES)
+            except _TooLarge:
+                if cap is not None:
+                    raise
+                raise self._malformed(f"{path} answered more than {REPLY_BYTES} bytes") from None
+            if status != 200:
+                answer = self._decode_error(raw)
+                if authenticate and attempt == 1 and self._rejected_token(status, answer):
                     await self._authenticate()
                     continue
-                message = answer.get("message") or answer.get("error") or resp.reason_phrase
-                raise self._error(f"HTTP {resp.status_code}: {message}", temporary=resp.status_code >= 500)
-            answer = self._decode(resp.content)
-            if authenticate and attempt == 1 and self._rejected_token(resp.status_code, answer):
+                message = answer.get("message") or answer.get("error") or reason
+                if answer.get("code") == _OUT_OF_RANGE and "compacted" in str(message):
+                    raise _Compacted
+                raise self._error(f"HTTP {status}: {message}", temporary=status >= 500)
+            answer = self._decode(raw)
+            del raw  # a page's bytes go before its values are decoded
+            if authenticate and attempt == 1 and self._rejected_token(status, answer):
                 await self._authenticate()
                 continue
             return answer
@@ -145,18 +227,18 @@ class EtcdSource:
     def _rejected_token(self, status: int, answer: dict[str, Any]) -> bool:
         return self._spec.username is not None and (status == 401 or answer.get("code") == _UNAUTHENTICATED)
 
-    def _decode(self, raw: bytes) -> dict[str, Any]:
+    def _decode(self, raw: bytes | bytearray) -> dict[str, Any]:
         try:
             answer = json.loads(raw)
         except (ValueError, RecursionError):
             # RecursionError: nesting deeper than the parser's stack. ValueError includes an integer
             # with more digits than Python converts, and bytes that are not UTF-8.
-            raise self._malformed(f"not JSON: {raw[:60]!r}") from None
+            raise self._malformed(f"not JSON: {bytes(raw[:60])!r}") from None
         if not isinstance(answer, dict):
             raise self._malformed(f"expected an object, got {type(answer).__name__}")
         return answer
 
-    def _decode_error(self, raw: bytes) -> dict[str, Any]:
+    def _decode_error(self, raw: bytes | bytearray) -> dict[str, Any]:
         """The JSON of an error answer, or nothing: a proxy's HTML error page is trouble, not bad data."""
         try:
             return self._decode(raw)
@@ -218,49 +300,168 @@ class EtcdSource:
         self._store_revision = max(self._store_revision, revision)
         return rebuilt
 
+    # -- keys and values -------------------------------------------------------------------------
+
+    def _name(self, item: dict[str, Any]) -> tuple[bytes, str]:
+        """An entry's raw key and its file name: the key after the prefix.
+
+        A name that is not UTF-8 keeps its bytes as surrogates, so a later delete finds it, and the
+        snapshot refuses it by name.
+        """
+        key = self._bytes(item, "key")
+        if not key.startswith(self._prefix):
+            raise self._malformed(f"key {key[:80]!r} is outside the prefix")
+        return key, key[len(self._prefix) :].decode("utf-8", "surrogateescape")
+
+    def _entry(self, name: str, item: dict[str, Any], shared: dict[bytes, FileEntry] | None = None) -> FileEntry:
+        """The value of ``item`` as a FileEntry: large content goes to the spool as it is decoded.
+
+        With ``shared``, a small value equal to one seen before gets that entry (entries are never
+        changed once made), so many keys holding the same few bytes cost one entry between them.
+        """
+        value = self._bytes(item, "value")
+        if shared is not None and len(value) <= spool.INLINE_MAX:
+            entry = shared.get(value)
+            if entry is None:
+                entry = shared[value] = FileEntry(value)
+            return entry
+        try:
+            return FileEntry(value)
+        except spool.SpoolError as exc:
+            raise SourceError(self.name, f"{printable(name)}: {exc.strerror or exc}") from None
+
+    def _over_file_limit(self, name: str, size: int) -> UnsafeDataError:
+        return UnsafeDataError(
+            self.name,
+            f"{printable(name)} is {size} bytes, over the per-file limit of {self._limits.max_file_size} "
+            "(max-file-size)",
+        )
+
+    def _check_count(self, count: int) -> None:
+        """Refuse a prefix with more keys than the file-count limit, before reading or building anything."""
+        if count > self._limits.max_files:
+            raise UnsafeDataError(self.name, f"more than {self._limits.max_files} keys under the prefix (max-files)")
+
     # -- reading ---------------------------------------------------------------------------------
 
     async def _read_all(self) -> None:
-        """Read every key under the prefix, in pages pinned to the first page's revision."""
-        kv: dict[bytes, bytes] = {}
-        key, end, revision = self._prefix, prefix_end(self._prefix), 0
-        while True:
-            body: dict[str, Any] = {"key": _b64(key), "range_end": _b64(end), "limit": PAGE_SIZE}
-            if revision:
-                body["revision"] = revision
-            answer = await self._post("/v3/kv/range", body)
-            if self._rebuilt(answer) and revision:
-                # Rebuilt between two pages: the pages so far came from the store that is gone.
-                kv, key, revision = {}, self._prefix, 0
+        """Read every key under the prefix into self._kv, at one revision; see _read_pages.
+
+        The read starts over, a few times at most, if the store is rebuilt or compacts the revision
+        away meanwhile. Not safe to call concurrently with itself or with the watch stream.
+        """
+        self._kv = None  # what was held describes an older revision; a failed read leaves nothing
+        for _ in range(READ_ATTEMPTS):
+            try:
+                read = await self._read_pages()
+            except _Compacted:
+                logger.info("%s: the revision being read was compacted; reading from a newer one", self.name)
                 continue
-            revision = revision or self._header_revision(answer)
+            if read is not None:
+                self._kv, self._revision = read
+                return
+        raise self._error("the store kept changing identity or compacting while it was read")
+
+    async def _read_pages(self) -> tuple[dict[str, FileEntry], int] | None:
+        """The prefix at one revision, and that revision; None if the store was rebuilt meanwhile.
+
+        (1) A count_only range gives the revision to read at, and the number of keys: more than
+            max-files is refused before any value is read.
+        (2) Pages from that revision, asking for ``limit`` keys, are read as they stream, up to
+            PAGE_BYTES; one key alone may take the per-file limit in base64 and room for JSON.
+        (3) A page whose answer passes its cap is dropped, and the same key asked again with fewer
+            keys: half as many, or as many values as had begun to arrive, if fewer.
+        (4) At one key, an answer past its cap is a value over the per-file limit: it is named (a
+            keys_only read) and refused, without having been held.
+        (5) Each value is checked against the per-file limit, and the running total against the
+            total limit, from its base64 length, before it is decoded; then it becomes a FileEntry at
+            once (in the spool when large), and the page's item is dropped.
+        (6) After a page well under its cap, the next asks for twice as many keys, up to PAGE_SIZE.
+        """
+        end = prefix_end(self._prefix)
+        # (1)
+        counted = await self._post(
+            "/v3/kv/range", {"key": _b64(self._prefix), "range_end": _b64(end), "count_only": True}
+        )
+        self._rebuilt(counted)  # nothing read yet: a new store is simply the one read from here on
+        revision = self._header_revision(counted)
+        self._check_count(self._int(counted, "count"))
+        kv: dict[str, FileEntry] = {}
+        shared: dict[bytes, FileEntry] = {}  # equal small values read share one entry (only while reading)
+        total = 0
+        key, limit = self._prefix, PAGE_SIZE
+        while True:
+            # (2)
+            cap = PAGE_BYTES if limit > 1 else max(PAGE_BYTES, self._single_cap)
+            body = {"key": _b64(key), "range_end": _b64(end), "limit": limit, "revision": revision}
+            try:
+                answer = await self._post("/v3/kv/range", body, cap=cap)
+            except _TooLarge as exc:
+                if limit == 1:  # (4)
+                    raise await self._oversize_key(key, revision, exc.size) from None
+                limit = max(1, min(limit // 2, exc.values - 1))  # (3)
+                continue
+            received = self._answer_bytes
+            if self._rebuilt(answer):
+                return None  # the pages so far came from the store that is gone
             items = answer.get("kvs", [])
             if not isinstance(items, list):
                 raise self._malformed("kvs is not a list")
-            for item in items:
+            last = b""
+            for index, item in enumerate(items):
                 if not isinstance(item, dict):
                     raise self._malformed("a kvs entry is not an object")
-                kv[self._bytes(item, "key")] = self._bytes(item, "value")
-            self._check_count(kv)
+                # (5)
+                last, name = self._name(item)
+                value = item.get("value", "")
+                size = _b64_size(value) if isinstance(value, str) else 0
+                if size > self._limits.max_file_size:
+                    raise self._over_file_limit(name, size)
+                total += size
+                if total > self._limits.max_total_size:
+                    raise UnsafeDataError(
+                        self.name,
+                        f"total size passes the limit of {self._limits.max_total_size} bytes (max-total-size) "
+                        f"at {printable(name)}",
+                    )
+                kv[name] = self._entry(name, item, shared)
+                items[index] = None  # its base64 goes now, not with the page
+            self._check_count(len(kv))
             if not answer.get("more") or not items:
-                break
-            key = self._bytes(items[-1], "key") + b"\0"
-        self._kv, self._revision = kv, revision
+                return kv, revision
+            key = last + b"\0"
+            if limit < PAGE_SIZE and received < cap // 4:
+                limit = min(PAGE_SIZE, limit * 2)  # (6)
+            del answer, items
+
+    async def _oversize_key(self, key: bytes, revision: int, seen: int) -> UnsafeDataError:
+        """The refusal of the value at ``key``, whose answer passed the one-key cap after ``seen`` bytes."""
+        body = {
+            "key": _b64(key),
+            "range_end": _b64(prefix_end(self._prefix)),
+            "limit": 1,
+            "revision": revision,
+            "keys_only": True,
+        }
+        answer = await self._post("/v3/kv/range", body)
+        items = answer.get("kvs", [])
+        if not isinstance(items, list) or not items or not isinstance(items[0], dict):
+            raise self._malformed("a value too large to read, and no key for it")
+        _, name = self._name(items[0])
+        return UnsafeDataError(
+            self.name,
+            f"{printable(name)} is over the per-file limit of {self._limits.max_file_size} bytes "
+            f"(max-file-size); refused after {seen} bytes of its answer",
+        )
 
     def _snapshot(self) -> Snapshot:
         assert self._kv is not None
         builder = SnapshotBuilder(self.name, self._limits)
-        for key in sorted(self._kv):
-            if not key.startswith(self._prefix):
-                raise self._malformed(f"key {key[:80]!r} is outside the prefix")
-            try:
-                name = key[len(self._prefix) :].decode("utf-8")
-            except UnicodeDecodeError:
-                raise builder.reject(
-                    f"key {printable(key.decode('utf-8', 'backslashreplace'))} is not valid UTF-8"
-                ) from None
-            builder.add(name, self._kv[key])
-        return builder.build()
+        for name in sorted(self._kv):
+            builder.add_entry(name, self._kv[name])
+        snapshot = builder.build()
+        self._kv = snapshot.files  # the same names and entries: keep one dict of them, not two
+        return snapshot
 
     async def fetch(self) -> Snapshot:
         """Read the whole prefix once."""
@@ -302,10 +503,13 @@ class EtcdSource:
                 "range_end": _b64(prefix_end(self._prefix)),
                 "start_revision": str(self._revision + 1),
                 "progress_notify": True,
+                # etcd splits a large transaction's events into responses it could have received.
+                "fragment": True,
             }
         }
         timeout = httpx.Timeout(10.0, read=self._silence_timeout)
         pending = False
+        raw = bytearray()
         read: asyncio.Future[bytes | None] | None = None
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -319,11 +523,11 @@ class EtcdSource:
                             )
                         )
                         if resp.status_code != 200:
-                            await resp.aread()
+                            raw = await self._body(resp, REPLY_BYTES, truncate=True)
                 except TimeoutError as exc:
                     raise self._error(f"opening the watch took longer than {self._request_timeout:g}s") from exc
                 if resp.status_code != 200:
-                    answer = self._decode_error(resp.content)
+                    answer = self._decode_error(raw)
                     if self._rejected_token(resp.status_code, answer):
                         self._token = None  # authenticate again on the next try
                     raise self._error(f"watch refused: HTTP {resp.status_code}: {answer.get('message', '')}")
@@ -339,12 +543,22 @@ class EtcdSource:
                             return
                         yield False
                         continue
-                    line, read = read.result(), None
+                    try:
+                        line, read = read.result(), None
+                    except _TooLarge as exc:
+                        # Not held, and not skipped: the whole prefix is read again by pages, each capped,
+                        # after the usual backoff (a store that always answers so would otherwise spin).
+                        self._kv = None
+                        raise self._error(
+                            f"a watch response passed {exc.size} bytes, more than one change may take; "
+                            "reading everything again by pages"
+                        ) from None
                     if line is None:
                         return
                     if not line.strip():
                         continue
                     answer = self._decode(line)
+                    del line
                     if "error" in answer:
                         error = answer["error"]
                         message = error.get("message", error) if isinstance(error, dict) else error
@@ -373,8 +587,9 @@ class EtcdSource:
                     pending = pending or bool(events)
                     if result.get("fragment"):
                         continue  # the rest of this response follows
-                    revision = self._header_revision(result)
-                    self._revision = max(self._revision, revision)
+                    # Only now: a stream broken between fragments resumes at this revision's first one.
+                    self._revision = max(self._revision, self._header_revision(result))
+                    del answer, result, events
                     self._behind = False
                     yield pending
                     pending = False
@@ -387,15 +602,20 @@ class EtcdSource:
                 read.cancel()
 
     async def _lines(self, resp: httpx.Response) -> AsyncIterator[bytes]:
-        """The stream's lines, refusing one that grows past any answer the prefix could need."""
+        """The stream's lines; _TooLarge once one passes the line cap, before it is held whole."""
+        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise self._malformed(f"a compressed answer (Content-Encoding: {encoding[:40]}), though none was asked for")
         buffer = bytearray()
-        async for chunk in resp.aiter_bytes():
+        async for chunk in resp.aiter_raw():
+            searched = len(buffer)  # no newline before here: search only what arrived
             buffer += chunk
-            while (end := buffer.find(b"\n")) >= 0:
-                yield bytes(buffer[:end])
+            while (end := buffer.find(b"\n", searched)) >= 0:
+                yield bytes(memoryview(buffer)[:end])
                 del buffer[: end + 1]
+                searched = 0
             if len(buffer) > self._max_line:
-                raise self._malformed(f"a watch response passes {self._max_line} bytes")
+                raise _TooLarge(len(buffer))
         if buffer:
             yield bytes(buffer)
 
@@ -430,23 +650,31 @@ class EtcdSource:
         return False
 
     def _apply(self, events: list[Any]) -> None:
-        assert self._kv is not None
-        for event in events:
-            if not isinstance(event, dict) or not isinstance(event.get("kv"), dict):
-                raise self._malformed("a watch event has no kv")
-            kv = event["kv"]
-            key = self._bytes(kv, "key")
-            if event.get("type", "PUT") == "DELETE":
-                self._kv.pop(key, None)
-            else:
-                self._kv[key] = self._bytes(kv, "value")
-            self._revision = max(self._revision, self._int(kv, "mod_revision"))
-        self._check_count(self._kv)
+        """Apply one watch response's events to self._kv; on any refusal self._kv is dropped.
 
-    def _check_count(self, kv: dict[bytes, bytes]) -> None:
-        """Refuse a prefix with more keys than the file-count limit, before building anything from it."""
-        if len(kv) > self._limits.max_files:
-            raise UnsafeDataError(self.name, f"more than {self._limits.max_files} keys under the prefix")
+        What was applied before the refusal is not undone, so the next try reads everything again
+        rather than resume from a revision the mirror no longer matches.
+        """
+        assert self._kv is not None
+        if not events:
+            return  # a progress note: no copy of the snapshot's names for nothing
+        kv = self._kv if isinstance(self._kv, dict) else dict(self._kv)
+        self._kv = kv
+        try:
+            for index, event in enumerate(events):
+                if not isinstance(event, dict) or not isinstance(event.get("kv"), dict):
+                    raise self._malformed("a watch event has no kv")
+                item = event["kv"]
+                _, name = self._name(item)
+                if event.get("type", "PUT") == "DELETE":
+                    kv.pop(name, None)
+                else:
+                    kv[name] = self._entry(name, item)
+                events[index] = None  # its base64 goes now, not with the response
+            self._check_count(len(kv))
+        except (SourceError, UnsafeDataError):
+            self._kv = None
+            raise
 
     async def aclose(self) -> None:
         """Close the HTTP client."""
