@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 import yaml
 
-from infantry import __version__, logs
+from infantry import __version__, logs, memory
 from infantry.errors import CheckFailed, InfantryError, PublishError, SettingsError, SourceError, UnsafeDataError
 from infantry.settings import Settings, child_environment, load_settings
 
@@ -175,6 +175,7 @@ def _run(
 @click.version_option(__version__, prog_name="infantry")
 def main() -> None:
     """Fetch configuration into a shared directory and keep it fresh."""
+    memory.one_arena()
 
 
 @main.command()

@@ -29,7 +29,7 @@ import shutil
 import stat
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -59,14 +59,23 @@ Gate = Callable[[Path], None]
 RACY_NS = 2_000_000_000
 
 # What a stat says of a file that a rewrite would change: inode, size, mtime, mode, and ctime (which,
-# unlike mtime, no one can set back after an edit). Packed, as a set may hold 100,000 files: 37 bytes
-# each, where a tuple of five integers costs over 200.
-_SIGNATURE = struct.Struct("<QQqIq")
-_BEFORE_CTIME = 28  # the bytes of inode, size, mtime and mode
+# unlike mtime, no one can set back after an edit). A set may hold 100,000 files, so the ledger keeps
+# one small integer per file: a keyed hash of inode, size, mtime and mode, one of ctime, and a bit
+# saying the record is racy. The key is random per process, so no one can make an edit that hashes
+# the same.
+_STAT = struct.Struct("<QQqI")
+_CTIME = struct.Struct("<q")
+_KEY = os.urandom(16)
 
 
-def _signature(st: os.stat_result) -> bytes:
-    return _SIGNATURE.pack(st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode & 0xFFFFFFFF, st.st_ctime_ns)
+def _keyed(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=4, key=_KEY).digest(), "little")
+
+
+def _signature(st: os.stat_result) -> int:
+    """The file's stat as ``stat_hash << 32 | ctime_hash``."""
+    ident = _keyed(_STAT.pack(st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode & 0xFFFFFFFF))
+    return ident << 32 | _keyed(_CTIME.pack(st.st_ctime_ns))
 
 
 def make_gate(command: str, timeout: float, environ: Mapping[str, str]) -> Gate:
@@ -93,31 +102,30 @@ class Ledger:
     """
 
     def __init__(self) -> None:
-        # rel -> the signature, and one more byte: b"r" if the record is racy, b"-" if not.
-        self._seen: dict[str, bytes] = {}
+        self._seen: dict[str, int] = {}  # rel -> signature << 1 | racy
 
     def record(self, rel: str, st: os.stat_result, now_ns: int | None = None) -> None:
         """Remember ``rel`` as verified, with the stat taken when it was written or compared."""
         racy = st.st_mtime_ns >= (now_ns if now_ns is not None else time.time_ns()) - RACY_NS
-        self._seen[rel] = _signature(st) + (b"r" if racy else b"-")
+        self._seen[rel] = _signature(st) << 1 | racy
 
     def unchanged(self, rel: str, st: os.stat_result) -> bool:
         """True when ``st`` is the stat recorded for ``rel``, racy or not."""
         seen = self._seen.get(rel)
-        return seen is not None and seen[:-1] == _signature(st)
+        return seen is not None and seen >> 1 == _signature(st)
 
     def trusted(self, rel: str, st: os.stat_result) -> bool:
         """True when ``st`` shows ``rel`` untouched since it was recorded, and the record is not racy."""
         seen = self._seen.get(rel)
-        return seen is not None and seen[-1:] == b"-" and seen[:-1] == _signature(st)
+        return seen is not None and seen == _signature(st) << 1
 
     def rebase(self, rel: str, st: os.stat_result) -> None:
         """Accept a new ctime for ``rel`` when nothing else changed: infantry's own hard links and
         removals of old snapshots change the ctime of the inodes the live snapshot shares with them."""
         seen = self._seen.get(rel)
         now = _signature(st)
-        if seen is not None and seen[:_BEFORE_CTIME] == now[:_BEFORE_CTIME]:
-            self._seen[rel] = now + seen[-1:]
+        if seen is not None and seen >> 33 == now >> 32:
+            self._seen[rel] = now << 1 | (seen & 1)
 
 
 def _read_nofollow(path: Path | str, limit: int = -1, dir_fd: int | None = None) -> tuple[bytes, os.stat_result]:
@@ -202,9 +210,7 @@ def _check_files(root: Path, snapshot: Snapshot, ledger: Ledger, file_mode: int)
         os.close(root_fd)
 
 
-def _check_tree(
-    root: Path, snapshot: Snapshot, dirs: dict[str, set[str]], ledger: Ledger, file_mode: int
-) -> str | None:
+def _check_tree(root: Path, snapshot: Snapshot, dirs: DirNames, ledger: Ledger, file_mode: int) -> str | None:
     """Why the tree under ``root`` differs from ``snapshot``: a directory's entries or mode, or a file."""
     for rel, names in dirs.items():
         path = root / rel if rel else root
@@ -218,7 +224,7 @@ def _check_tree(
                 return f"the mode of directory {shown} was changed"
             if ledger.trusted(key, st):
                 continue
-            if set(os.listdir(path)) != names:
+            if _names_digest(os.listdir(path)) != names:
                 return f"entries were added to or removed from {shown}"
         except OSError as exc:
             return f"directory {shown} cannot be read: {exc.strerror}"
@@ -226,17 +232,43 @@ def _check_tree(
     return _check_files(root, snapshot, ledger, file_mode)
 
 
-def _expected_dirs(snapshot: Snapshot) -> dict[str, set[str]]:
-    """Each directory of the set (``""`` is the top), with the names it holds."""
-    children: dict[str, set[str]] = {"": set()}
+DirNames = dict[str, tuple[int, int]]
+"""Each directory of a set (``""`` is the top), with the count of the names it holds and the sum of
+their keyed hashes. Order does not matter to a sum, so it is built a path at a time: a set of 100,000
+files never has its names split out and held a second time."""
+
+_MASK = (1 << 64) - 1
+
+
+def _name_hash(name: str) -> int:
+    data = name.encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=_KEY).digest(), "little")
+
+
+def _names_digest(names: Iterable[str]) -> tuple[int, int]:
+    count = total = 0
+    for name in names:
+        count += 1
+        total = (total + _name_hash(name)) & _MASK
+    return count, total
+
+
+def _expected_dirs(snapshot: Snapshot) -> DirNames:
+    """Each directory of the set (``""`` is the top), with the digest of the names it holds."""
+    sums: dict[str, list[int]] = {"": [0, 0]}
     for path in snapshot.files:
-        parent = ""
-        for part in path.split("/"):
-            children.setdefault(parent, set()).add(part)
-            parent = f"{parent}/{part}" if parent else part
-    for path in snapshot.files:
-        children.pop(path, None)
-    return children
+        directory, _, name = path.rpartition("/")
+        while True:  # count the name in its directory, and a directory seen first in its own parent
+            entry = sums.get(directory)
+            first = entry is None
+            if entry is None:
+                entry = sums[directory] = [0, 0]
+            entry[0] += 1
+            entry[1] = (entry[1] + _name_hash(name)) & _MASK
+            if not first:
+                break
+            directory, _, name = directory.rpartition("/")
+    return {rel: (count, total) for rel, (count, total) in sums.items()}
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -530,7 +562,7 @@ class KubeletPublisher:
         self._current: Snapshot | None = None
         self._current_dir: str | None = None
         self._ledger = Ledger()
-        self._dirs: dict[str, set[str]] = {}
+        self._dirs: DirNames = {}
         self._previous: Snapshot | None = None
         self._loaded = False
 

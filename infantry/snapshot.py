@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -103,6 +103,38 @@ class FileEntry:
         return f"FileEntry({self.content!r}, executable={self.executable})"
 
 
+class Files(Mapping[str, FileEntry]):
+    """A snapshot's files: an immutable mapping from path to FileEntry.
+
+    A set may hold 100,000 small files for as long as it is live, so a small file that is not
+    executable (nearly all of them) is kept as its bytes alone, and its FileEntry is made when asked.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, files: Mapping[str, FileEntry]) -> None:
+        self._items: dict[str, bytes | FileEntry] = {
+            path: entry.content if isinstance(entry.content, bytes) and not entry.executable else entry
+            for path, entry in files.items()
+        }
+
+    def __getitem__(self, path: str) -> FileEntry:
+        item = self._items[path]
+        return FileEntry(item) if isinstance(item, bytes) else item
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._items
+
+    def __repr__(self) -> str:
+        return f"Files({dict(self.items())!r})"
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """An immutable mapping from safe relative paths to file entries, with a content digest."""
@@ -113,7 +145,7 @@ class Snapshot:
     @classmethod
     def of(cls, files: Mapping[str, FileEntry]) -> Snapshot:
         """Build a Snapshot from already validated entries, computing its version."""
-        return cls(MappingProxyType(dict(files)), digest(files))
+        return cls(Files(files), digest(files))
 
     @property
     def short_version(self) -> str:

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from infantry import spool, threads
+from infantry import memory, spool, threads
 from infantry.errors import CheckFailed, NotifyError, PublishError, SettingsError, SourceError, UnsafeDataError
 from infantry.health import Clock, HealthServer, Metrics, Report
 from infantry.notify import (
@@ -385,6 +385,7 @@ class Watcher:
         if not published:
             return None
         self._live = target
+        memory.give_back()  # what staging a large set took is not kept counted against the pod
         self.metrics.publishes.labels("published").inc()
         self.metrics.set_version(target.version, len(target.files))
         self.metrics.fallback.set(0)
