@@ -23,6 +23,17 @@ def test_install_tar_gz_bundle(nginx: Nginx, tmp_path: Path) -> None:
     assert "published" in result.stderr
 
 
+def test_an_archive_past_max_files_is_refused_naming_the_setting(nginx: Nginx, tmp_path: Path) -> None:
+    # Directories count as archive members too: the refusal says which setting sets the bound.
+    members = {"./a/x.yaml": b"1\n", "./b/y.yaml": b"2\n", "./c/z.yaml": b"3\n"}
+    (nginx.root / "bundle.tar.gz").write_bytes(files_tar(members))
+    (nginx.root / "bundle.zip").write_bytes(make_zip({name[2:]: data for name, data in members.items()}))
+    for name in ("bundle.tar.gz", "bundle.zip"):
+        result = infantry("install", "--source", nginx.url(name), "--dest", str(tmp_path / name), "--max-files", "1")
+        assert result.returncode == 5, result.stderr
+        assert "max-files" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_install_zip_and_plain_documents(nginx: Nginx, tmp_path: Path) -> None:
     (nginx.root / "bundle.zip").write_bytes(make_zip({"a/b.txt": b"zipped", "c.txt": b"c"}))
     (nginx.root / "settings.yaml").write_text("plain: true\n")
