@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 DATA = "..data"
 PREVIOUS = "..previous"
 MANIFEST = "..infantry-files"
+MAX_MANIFEST = 64 << 20  # the JSON list of a set's paths: far more than 100,000 paths need
 TMP_PREFIX = "..tmp-"
 SNAPSHOT_DIR = re.compile(r"\.\.\d{4}(_\d\d){5}\.\d{9}")
 DIR_MODE = 0o755
@@ -493,9 +494,22 @@ def _link_at(dest_fd: int, dest: Path, name: str, target: str) -> None:
 
 
 def _write_mark(dest: Path, name: str, version: str) -> None:
-    tmp = dest / f"{TMP_PREFIX}{name.lstrip('.')}-{os.getpid()}"
-    tmp.write_text(version + "\n", encoding="utf-8")
-    os.rename(tmp, dest / name)
+    """Write ``dest/name`` by a fresh file renamed over it; never through a link planted on the way."""
+    dest_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        tmp = f"{TMP_PREFIX}{name.lstrip('.')}-{os.getpid()}-{time.monotonic_ns()}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o644, dir_fd=dest_fd)
+        try:
+            with open(fd, "w", encoding="utf-8") as handle:
+                handle.write(version + "\n")
+            os.rename(tmp, name, src_dir_fd=dest_fd, dst_dir_fd=dest_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dest_fd)
+            raise
+    finally:
+        os.close(dest_fd)
 
 
 def _read_mark(dest: Path, name: str) -> str | None:
@@ -563,7 +577,7 @@ class KubeletPublisher:
         self._current_dir: str | None = None
         self._ledger = Ledger()
         self._dirs: DirNames = {}
-        self._previous: Snapshot | None = None
+        self._previous: str | None = None  # the version kept in ..previous (its content is on disk)
         self._loaded = False
 
     def _live_dir(self, link: str) -> str | None:
@@ -611,7 +625,7 @@ class KubeletPublisher:
     @property
     def previous_version(self) -> str | None:
         """The version kept in ``..previous`` for rollback, if any."""
-        return self._previous.version if self._previous is not None else None
+        return self._previous
 
     def verify(self, snapshot: Snapshot) -> str | None:
         """Check, from disk, that ``snapshot`` is what readers of the destination see.
@@ -681,7 +695,7 @@ class KubeletPublisher:
             raise
         previous, previous_dir = self._current, self._current_dir
         self._adopt(name, snapshot, ledger)
-        self._previous = previous
+        self._previous = previous.version if previous is not None else None
         try:
             if previous_dir is not None and previous is not None:
                 _replace_with_link(self.dest, PREVIOUS, previous_dir)
@@ -715,7 +729,7 @@ class KubeletPublisher:
             return None
         ledger = Ledger()
         previous = _read_tree(self.dest / previous_dir, self._file_mode, ledger)
-        if previous is None or (self._previous is not None and previous.version != self._previous.version):
+        if previous is None or (self._previous is not None and previous.version != self._previous):
             logger.warning("the set kept in %s was changed on disk; not rolling back to it", self.dest / PREVIOUS)
             return None
         try:
@@ -735,10 +749,15 @@ class KubeletPublisher:
             ns = time.time_ns()
             name = time.strftime("..%Y_%m_%d_%H_%M_%S", time.gmtime(ns // 1_000_000_000)) + f".{ns % 1_000_000_000:09d}"
             try:
-                (self.dest / name).mkdir(DIR_MODE)
+                os.mkdir(self.dest / name, DIR_MODE)
             except FileExistsError:
                 continue
-            os.chmod(self.dest / name, DIR_MODE)
+            # By descriptor, not by path: a link swapped in after mkdir must not have its target chmod-ed.
+            fd = os.open(self.dest / name, _DIR_FLAGS)
+            try:
+                os.fchmod(fd, DIR_MODE)
+            finally:
+                os.close(fd)
             return name, self.dest / name
 
     def _fill(self, staged: Path, snapshot: Snapshot) -> Ledger:
@@ -837,8 +856,12 @@ class DirectPublisher:
 
     def _manifest(self) -> list[str]:
         try:
-            listed = json.loads((self.dest / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            # Never through a link, never blocking on a FIFO, and never more than a manifest can hold.
+            raw, _ = _read_nofollow(self.dest / MANIFEST, MAX_MANIFEST + 1)
+            if len(raw) > MAX_MANIFEST:
+                return []
+            listed = json.loads(raw)
+        except (OSError, ValueError, RecursionError):
             return []
         if not isinstance(listed, list):
             return []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
@@ -169,14 +170,32 @@ class Spool:
             return self._fd
 
     def create(self) -> tuple[str, int]:
-        """A new, empty spool file: its name and a descriptor open for writing."""
-        dir_fd = self._open()
+        """A new, empty spool file: its name and a descriptor open for writing.
+
+        If the spool directory was removed from under infantry, it is made again.
+        """
         name = f"{os.getpid()}-{next(self._names)}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            return name, os.open(name, flags, 0o600, dir_fd=dir_fd)
-        except OSError as exc:
-            raise SpoolError(exc.errno, f"cannot write to the spool {self.where}: {exc.strerror}") from None
+        for attempt in (1, 2):
+            dir_fd = self._open()
+            try:
+                return name, os.open(name, flags, 0o600, dir_fd=dir_fd)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise SpoolError(
+                        errno.ENOENT, f"cannot write to the spool {self.where}: it keeps vanishing"
+                    ) from None
+                self._reopen(dir_fd)
+            except OSError as exc:
+                raise SpoolError(exc.errno, f"cannot write to the spool {self.where}: {exc.strerror}") from None
+        raise AssertionError("unreachable")
+
+    def _reopen(self, stale_fd: int) -> None:
+        """Forget a spool directory that was removed, so the next use makes it again."""
+        with self._lock:
+            if self._fd == stale_fd:
+                self._fd = None
+                os.close(stale_fd)
 
     def open(self, name: str) -> BinaryIO:
         """A spool file, for reading."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -218,3 +219,53 @@ def test_directories_are_opened_without_following_links(tmp_path: Path) -> None:
     assert (root / "real" / "link").is_dir() and not (root / "real" / "link").is_symlink()
     assert sorted(p.name for p in outside.iterdir()) == ["keep"]
     assert (root / "real" / "link" / "new").exists()
+
+
+def test_marks_are_never_written_through_a_planted_link(tmp_path: Path) -> None:
+    outside = tmp_path / "victim"
+    outside.write_text("precious\n")
+    dest = tmp_path / "configs"
+    dest.mkdir()
+    for name in ("told", "fallback"):  # the temporary names a predictable writer would use
+        (dest / f"..tmp-{name}-{os.getpid()}").symlink_to(outside)
+    version = "ab" * 32
+    publish_module.mark_told(dest, version)
+    publish_module.mark_fallback(dest, version)
+    assert outside.read_text() == "precious\n"
+    assert publish_module.told_version(dest) == version and publish_module.fallback_version(dest) == version
+    assert not (dest / "..told").is_symlink()
+
+
+def test_a_new_snapshot_directory_swapped_for_a_link_is_not_chmod_ed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("secret\n")
+    victim.chmod(0o600)
+    real_mkdir = os.mkdir
+
+    def mkdir_then_swap(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        if Path(path).name.startswith("..2"):  # a snapshot directory: swap it for a link at once
+            os.rmdir(path)
+            os.symlink(victim, path)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_swap)
+    with pytest.raises(PublishError):
+        KubeletPublisher(tmp_path / "configs", 0o644).publish(snap(a="1"))
+    assert victim.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("kind", ["link to /dev/zero", "fifo"])
+def test_a_hostile_manifest_is_not_read_through_or_waited_on(tmp_path: Path, kind: str) -> None:
+    dest = tmp_path / "configs"
+    dest.mkdir()
+    manifest = dest / publish_module.MANIFEST
+    if kind == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.symlink_to("/dev/zero")
+    publisher = DirectPublisher(dest, 0o644)
+    assert publisher.current() is None
+    assert publisher.publish(snap(a="1"))
+    assert read_as_app(dest) == {"a": "1"}

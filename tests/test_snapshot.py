@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from infantry.errors import SettingsError, UnsafeDataError
@@ -83,3 +86,17 @@ def test_merge_refuses_a_path_claimed_twice() -> None:
         merge([Part("file:///one", "", one), Part("file:///two", "", one)])
     with pytest.raises(SettingsError, match="file in one source and a directory"):
         merge([Part("a", "", Snapshot.of({"x": FileEntry(b"")})), Part("b", "x", one)])
+
+
+def test_a_spool_removed_from_under_infantry_is_made_again(tmp_path: Path) -> None:
+    from infantry.spool import Spool
+
+    spool_dir = tmp_path / "dest" / "..spool"
+    store = Spool(spool_dir)
+    first = store.store(b"x" * 1000)
+    assert first.read() == b"x" * 1000
+    shutil.rmtree(spool_dir)
+    second = store.store(b"y" * 1000)
+    assert second.read() == b"y" * 1000 and spool_dir.is_dir()
+    store.close()
+    assert not spool_dir.exists()
