@@ -235,6 +235,7 @@ class Watcher:
                     self._answered(state)
                     if item is None:
                         self.metrics.syncs.labels("unchanged").inc()
+                        memory.give_back()  # a source may have read a whole set to find it unchanged
                         continue
                     self.metrics.syncs.labels("changed").inc()
                     self._parts[index] = item

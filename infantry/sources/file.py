@@ -131,18 +131,20 @@ def _snapshot_dir(root: Path, name: str) -> str | None:
 
 
 def _walk(builder: SnapshotBuilder, base: Path, real_base: Path) -> None:
+    # Plain strings, not Path objects: a tree may hold 100,000 files, read again every interval.
     name = builder.source
-    pending = [base]
+    inside = str(real_base)
+    pending = [(str(base), "")]
     while pending:
-        here = pending.pop()
+        here, prefix = pending.pop()
         try:
             with os.scandir(here) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            raise _os_error(name, str(here), exc) from exc
+            raise _os_error(name, here, exc) from exc
         for entry in entries:
-            path = Path(entry.path)
-            rel = path.relative_to(base).as_posix()
+            path = entry.path
+            rel = prefix + entry.name
             try:
                 is_link = entry.is_symlink()
                 is_dir = not is_link and entry.is_dir(follow_symlinks=False)
@@ -150,14 +152,14 @@ def _walk(builder: SnapshotBuilder, base: Path, real_base: Path) -> None:
                 raise _os_error(name, printable(rel), exc) from exc
             if is_dir:
                 builder.check_dir(rel)
-                pending.append(path)
+                pending.append((path, rel + "/"))
             elif is_link:
-                _add_file(builder, _link_target(builder, path, rel, real_base), rel, inside=real_base)
+                _add_file(builder, _link_target(builder, path, rel, real_base), rel, inside=inside)
             else:
-                _add_file(builder, path, rel, inside=real_base)
+                _add_file(builder, path, rel, inside=inside)
 
 
-def _link_target(builder: SnapshotBuilder, path: Path, rel: str, real_base: Path) -> Path:
+def _link_target(builder: SnapshotBuilder, path: str, rel: str, real_base: Path) -> Path:
     """Where a link inside the tree leads, if that is a place inside the tree; else UnsafeDataError."""
     try:
         target = Path(os.path.realpath(path, strict=True))
@@ -171,16 +173,16 @@ def _link_target(builder: SnapshotBuilder, path: Path, rel: str, real_base: Path
     return target
 
 
-def _opened_path(fd: int) -> Path | None:
+def _opened_path(fd: int) -> str | None:
     """Where the file behind ``fd`` is, as the kernel resolved it; None where /proc cannot say."""
     try:
-        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+        return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return None
 
 
 def _add_file(
-    builder: SnapshotBuilder, path: Path, rel: str, *, follow: bool = False, inside: Path | None = None
+    builder: SnapshotBuilder, path: Path | str, rel: str, *, follow: bool = False, inside: str | None = None
 ) -> None:
     """Read one regular file. Unless ``follow``, a final link is not followed: links were checked already.
 
@@ -197,7 +199,7 @@ def _add_file(
     with open(fd, "rb", closefd=True) as handle:
         if inside is not None:
             opened = _opened_path(handle.fileno())
-            if opened is not None and not opened.is_relative_to(inside):
+            if opened is not None and not (opened == inside or opened.startswith(inside.rstrip("/") + "/")):
                 raise _Raced(builder.reject(f"{printable(rel)} is a link to something outside the tree"))
         st = os.fstat(handle.fileno())
         if stat.S_ISDIR(st.st_mode):
