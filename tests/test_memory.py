@@ -8,6 +8,7 @@ OOM-killed by a set the default limits accept, nor by a hostile store before it 
 from __future__ import annotations
 
 import os
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -107,3 +108,45 @@ def test_a_gzip_bomb_is_refused_at_the_limit_not_inflated(tmp_path: Path) -> Non
     assert result.returncode == 5, result.stderr
     assert "passes the limit of 8388608 bytes" in result.stderr
     assert peak < POD_LIMIT_MIB, f"install peaked at {peak:.1f} MiB refusing the bomb"
+
+
+def _written(pid: int) -> int:
+    """Bytes the process has passed to write(2) so far."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no wchar")
+
+
+def test_an_idle_file_source_does_not_copy_its_set_again_on_every_resync(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    files = {f"part-{i}.bin": os.urandom(MIB) for i in range(10)}
+    created = time.time()
+    for name, data in files.items():
+        (store / name).write_bytes(data)
+        os.utime(store / name, (1_700_000_000, 1_700_000_000))  # settled long ago
+    dest = tmp_path / "configs"
+    watch = Watch(tmp_path, ["--source", f"file://{store}", "--dest", str(dest), "--interval", "0.5"])
+    try:
+        watch.wait_ready(timeout=60)
+        # A file is reused only once its ctime (which cannot be set back) is RACY_NS old when read.
+        settled_at = created + 2.5
+        wait_until("the files to settle", lambda: time.time() > settled_at, timeout=30)
+        syncs = watch.metric("infantry_syncs_total", result="unchanged")
+        wait_until(
+            "a resync of settled files", lambda: watch.metric("infantry_syncs_total", result="unchanged") > syncs
+        )
+        before = _written(watch.proc.pid)
+        syncs = watch.metric("infantry_syncs_total", result="unchanged")
+        wait_until("three more resyncs", lambda: watch.metric("infantry_syncs_total", result="unchanged") >= syncs + 3)
+        written = _written(watch.proc.pid) - before
+        assert written < MIB, f"{written} bytes written over three resyncs of an unchanged 10 MiB set"
+        # An edit that keeps the size and puts the mtime back is still seen (its ctime moved).
+        edited = b"E" + files["part-3.bin"][1:]
+        (store / "part-3.bin").write_bytes(edited)
+        os.utime(store / "part-3.bin", (1_700_000_000, 1_700_000_000))
+        wait_until("the edit published", lambda: (dest / "part-3.bin").read_bytes()[:1] == b"E", timeout=30)
+    finally:
+        code, _ = watch.stop()
+        assert code == 0

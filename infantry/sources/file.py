@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ from watchdog.observers.api import BaseObserver
 from infantry import threads
 from infantry.errors import SettingsError, SourceError, UnsafeDataError
 from infantry.settings import SourceSpec
-from infantry.snapshot import Limits, Snapshot, SnapshotBuilder, printable
+from infantry.snapshot import FileEntry, Limits, Snapshot, SnapshotBuilder, printable
+from infantry.spool import Blob
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,31 @@ class _Raced(Exception):
         self.final = final
 
 
-def read_tree(root: Path, name: str, limits: Limits) -> Snapshot:
+class Reuse:
+    """Spooled files from the last read, reused while their stat is unchanged.
+
+    Reading a tree again every interval must not copy every large file into the spool again. A file
+    is reused only if its stat (device, inode, size, mode, mtime and ctime) is what it was, and was
+    already older than RACY_NS then: a later write changes mtime and ctime to a newer time.
+    """
+
+    def __init__(self) -> None:
+        self.old: dict[str, tuple[tuple[int, ...], FileEntry]] = {}
+        self.new: dict[str, tuple[tuple[int, ...], FileEntry]] = {}
+
+    def done(self) -> None:
+        """The read succeeded: what it saw is what the next read may reuse."""
+        self.old, self.new = self.new, {}
+
+
+RACY_NS = 2_000_000_000
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mode, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def read_tree(root: Path, name: str, limits: Limits, reuse: Reuse | None = None) -> Snapshot:
     """Read a file, or every regular file under a directory, into a Snapshot.
 
     A directory that is itself a kubelet-style volume (a mounted ConfigMap, or infantry's own output)
@@ -66,15 +92,21 @@ def read_tree(root: Path, name: str, limits: Limits) -> Snapshot:
     """
     raced: _Raced | None = None
     for _ in range(READ_ATTEMPTS):
+        if reuse is not None:
+            reuse.new = {}
         try:
-            return _read_once(root, name, limits)
+            snapshot = _read_once(root, name, limits, reuse)
         except _Raced as exc:
             raced = exc
+        else:
+            if reuse is not None:
+                reuse.done()
+            return snapshot
     assert raced is not None
     raise raced.final
 
 
-def _read_once(root: Path, name: str, limits: Limits) -> Snapshot:
+def _read_once(root: Path, name: str, limits: Limits, reuse: Reuse | None = None) -> Snapshot:
     builder = SnapshotBuilder(name, limits)
     # (1) The root itself: a missing store is temporary trouble, a looping one is unsafe.
     try:
@@ -83,7 +115,7 @@ def _read_once(root: Path, name: str, limits: Limits) -> Snapshot:
         raise _os_error(name, str(root), exc, vanished_is_race=False) from exc
     if stat.S_ISREG(st.st_mode):
         # The source names this file itself: follow a link to it (a ConfigMap's app.yaml -> ..data/app.yaml).
-        _add_file(builder, root, root.name, follow=True)
+        _add_file(builder, root, root.name, follow=True, reuse=reuse)
         return builder.build()
     if not stat.S_ISDIR(st.st_mode):
         raise builder.reject(f"{root} is neither a file nor a directory")
@@ -99,7 +131,7 @@ def _read_once(root: Path, name: str, limits: Limits) -> Snapshot:
         raise _Raced(builder.reject(f"{root}/{snapshot_dir} was replaced by a link while it was read"))
     # (3) Walk it, following links only to regular files inside it; every file opened is checked to be
     # inside it by what its descriptor is, so a link swapped in after a check is caught.
-    _walk(builder, base, real_base)
+    _walk(builder, base, real_base, reuse)
     # (4) If ``..data`` moved meanwhile, the snapshot read may be the one being removed: read again.
     if snapshot_dir is not None and _snapshot_dir(root, name) != snapshot_dir:
         raise _Raced(SourceError(name, f"{root}/..data kept moving while it was read"))
@@ -130,7 +162,7 @@ def _snapshot_dir(root: Path, name: str) -> str | None:
     return target
 
 
-def _walk(builder: SnapshotBuilder, base: Path, real_base: Path) -> None:
+def _walk(builder: SnapshotBuilder, base: Path, real_base: Path, reuse: Reuse | None) -> None:
     # Plain strings, not Path objects: a tree may hold 100,000 files, read again every interval.
     name = builder.source
     inside = str(real_base)
@@ -154,9 +186,9 @@ def _walk(builder: SnapshotBuilder, base: Path, real_base: Path) -> None:
                 builder.check_dir(rel)
                 pending.append((path, rel + "/"))
             elif is_link:
-                _add_file(builder, _link_target(builder, path, rel, real_base), rel, inside=inside)
+                _add_file(builder, _link_target(builder, path, rel, real_base), rel, inside=inside, reuse=reuse)
             else:
-                _add_file(builder, path, rel, inside=inside)
+                _add_file(builder, path, rel, inside=inside, reuse=reuse)
 
 
 def _link_target(builder: SnapshotBuilder, path: str, rel: str, real_base: Path) -> Path:
@@ -182,7 +214,13 @@ def _opened_path(fd: int) -> str | None:
 
 
 def _add_file(
-    builder: SnapshotBuilder, path: Path | str, rel: str, *, follow: bool = False, inside: str | None = None
+    builder: SnapshotBuilder,
+    path: Path | str,
+    rel: str,
+    *,
+    follow: bool = False,
+    inside: str | None = None,
+    reuse: Reuse | None = None,
 ) -> None:
     """Read one regular file. Unless ``follow``, a final link is not followed: links were checked already.
 
@@ -207,6 +245,11 @@ def _add_file(
         if not stat.S_ISREG(st.st_mode):
             raise builder.reject(f"{printable(rel)} is not a regular file")
         builder.check_size(rel, st.st_size)
+        key = _stat_key(st)
+        if reuse is not None and (known := reuse.old.get(rel)) is not None and known[0] == key:
+            builder.add_entry(rel, known[1])  # unchanged since the last read: its spooled copy serves
+            reuse.new[rel] = known
+            return
 
         def read(size: int) -> bytes:
             try:
@@ -215,7 +258,11 @@ def _add_file(
                 raise _os_error(builder.source, printable(rel), exc) from exc
 
         # Streamed, with the limits enforced as it goes, so a file that grew since fstat is still caught.
-        builder.add_stream(rel, read, executable=bool(st.st_mode & 0o100))
+        entry = builder.add_stream(rel, read, executable=bool(st.st_mode & 0o100))
+        # Worth reusing next time: a spooled file, settled before it was read, unchanged while read.
+        settled = max(st.st_mtime_ns, st.st_ctime_ns) < time.time_ns() - RACY_NS
+        if reuse is not None and isinstance(entry.content, Blob) and settled and _stat_key(os.fstat(fd)) == key:
+            reuse.new[rel] = (key, entry)
 
 
 def _os_error(source: str, what: str, exc: OSError, *, vanished_is_race: bool = True) -> Exception:
@@ -257,10 +304,11 @@ class FileSource:
         self.name = spec.url
         self._limits = limits
         self._interval = interval
+        self._reuse = Reuse()
 
     async def fetch(self) -> Snapshot:
         """Read the tree once."""
-        return await threads.run(read_tree, self.root, self.name, self._limits)
+        return await threads.run(read_tree, self.root, self.name, self._limits, self._reuse)
 
     async def watch(self) -> AsyncIterator[Snapshot | None]:
         """The tree now, then again on each change that watchdog reports, or every interval.
@@ -293,8 +341,11 @@ class FileSource:
                     await _stop(observer)
                     observer, watched = self._start_observer(changed)
                 snapshot = await self.fetch()
-                yield snapshot if snapshot.version != last.version else None
+                if snapshot.version == last.version:
+                    yield None  # and keep holding ``last``, the set the agent holds too: one copy, not two
+                    continue
                 last = snapshot
+                yield snapshot
         finally:
             await _stop(observer)
 
