@@ -44,31 +44,63 @@ ACCEPT_ENCODING = "gzip, deflate"
 
 
 class _Decoder:
-    """Decodes a Content-Encoding a chunk at a time, never producing more than a chunk per step."""
+    """Decodes a Content-Encoding a chunk at a time, never producing more than a chunk per step.
+
+    gzip may come as several members one after another (RFC 1952 allows it); anything else after the
+    last member is refused. deflate comes with its zlib wrapper (RFC 9110) or, from some servers, as raw
+    deflate: the first two bytes tell which.
+    """
+
+    _GZIP_MAGIC = b"\x1f\x8b"
 
     def __init__(self, encoding: str) -> None:
         self.encoding = encoding
         if encoding in ("", "identity"):
-            self._z = None
+            self._kind = ""
         elif encoding in ("gzip", "x-gzip"):
-            self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            self._kind = "gzip"
         elif encoding == "deflate":
-            self._z = zlib.decompressobj()
+            self._kind = "deflate"
         else:
             raise ValueError(encoding)
+        self._z: zlib._Decompress | None = None  # the stream being decoded; None between gzip members
+        self._head = b""  # the first bytes of a stream, until there are two to tell what follows
+        self._streams = 0  # streams decoded to their end
+
+    def _start(self, head: bytes) -> zlib._Decompress:
+        if self._kind == "gzip":
+            if self._streams and head != self._GZIP_MAGIC:
+                raise zlib.error("data after the end of the compressed stream")
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        if self._streams:
+            raise zlib.error("data after the end of the compressed stream")
+        cmf, flg = head[0], head[1]
+        wrapped = cmf & 0x0F == zlib.DEFLATED and cmf >> 4 <= 7 and (cmf << 8 | flg) % 31 == 0
+        return zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
 
     def feed(self, data: bytes) -> Iterator[bytes]:
-        if self._z is None:
+        if not self._kind:
             yield data
             return
         while data:
+            if self._z is None:
+                data, self._head = self._head + data, b""
+                if len(data) < 2:
+                    self._head = data
+                    return
+                self._z = self._start(data[:2])
             yield self._z.decompress(data, spool.CHUNK)
             data = self._z.unconsumed_tail
-            if self._z.eof and self._z.unused_data:
-                raise zlib.error("data after the end of the compressed stream")
+            if self._z.eof:
+                data, self._z = self._z.unused_data, None
+                self._streams += 1
 
     def end(self) -> None:
-        if self._z is not None and not self._z.eof:
+        if not self._kind:
+            return
+        if self._head and self._streams:
+            raise zlib.error("data after the end of the compressed stream")
+        if self._z is not None or not self._streams:
             raise zlib.error("the compressed stream is truncated")
 
 
