@@ -214,10 +214,11 @@ _END64_LOCATOR = struct.Struct("<4sLQL")
 _END64 = struct.Struct("<4sQ2H2L4Q")
 _ENTRY = struct.Struct("<4s6H3L5H2L")  # a central directory entry's fixed part; its name and fields follow
 
-ZIP_DIRECTORY_BUDGET = 64 * 1024 * 1024
+ZIP_DIRECTORY_BUDGET = 24 * 1024 * 1024
 """The most memory zipfile may need to parse a zip's central directory. zipfile reads the directory
-whole and makes an object for each entry: 100,000 entries with names of up to 30 bytes fit, and the
-peak of an install stays under the 128Mi limit `inject` sets. A larger set streams, as a tar."""
+whole and makes an object for each entry, on top of the set a `watch` already holds while it reads the
+next version: 40,000 entries with short names fit, and `watch` stays under the 128Mi limit `inject`
+sets. A larger set streams, as a tar."""
 
 _ZIPINFO_BYTES = 560
 """What zipfile holds for one entry besides its name and fields: a ZipInfo, its date tuple and numbers,

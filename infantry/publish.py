@@ -787,8 +787,8 @@ class KubeletPublisher:
                                 # The link moved the inode's ctime: record the stat as it is now.
                                 ledger.record(path, os.stat(name, dir_fd=parent_fd, follow_symlinks=False), now)
                                 continue
-                        except OSError:
-                            pass  # a hard link is only a saving; write a copy instead
+                        except (OSError, PublishError):
+                            pass  # a hard link is only a saving (and the old set may hold a link): write a copy
                     ledger.record(path, _write_new(name, entry, self._file_mode, parent_fd), now)
         finally:
             os.close(new_fd)

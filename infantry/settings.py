@@ -265,6 +265,13 @@ class Settings(BaseSettings):
         # load_settings() merges flags, environment and file itself, so the model only validates.
         return (init_settings,)
 
+    @field_validator("reload_method")
+    @classmethod
+    def _http_method(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Z]{1,20}", value):
+            raise ValueError("expected an HTTP method in capitals, like POST or PUT")
+        return value
+
     @field_validator("source", mode="before")
     @classmethod
     def _sources(cls, value: Any) -> Any:
@@ -543,7 +550,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
     Scalars are read as YAML 1.2 reads them, and every mistake is one line naming the file.
     """
     try:
-        with path.open("rb") as handle:
+        # Non-blocking, and only a regular file: a FIFO or a device named by mistake must not hang start-up.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SettingsError(f"config: {str(path)!r} is not a regular file")
             raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise SettingsError(f"config: cannot read {str(path)!r}: {exc.strerror or exc}") from exc

@@ -199,7 +199,10 @@ class Spool:
 
     def open(self, name: str) -> BinaryIO:
         """A spool file, for reading."""
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._open())
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self._open())
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO planted in the spool must not block a publish
+            os.close(fd)
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", name)
         return open(fd, "rb", closefd=True)
 
     def discard(self, name: str) -> None:

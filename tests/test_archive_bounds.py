@@ -26,7 +26,7 @@ from tests.archives import (
     write_tar_gz,
     write_zip_directory,
 )
-from tests.support import Nginx, free_port, infantry, infantry_measured, read_as_app
+from tests.support import Nginx, Watch, free_port, infantry, infantry_measured, peak_rss_mib, read_as_app, wait_until
 
 POD_LIMIT_MIB = 128
 REFUSAL_MIB = 80  # a refusal happens before anything large is held
@@ -165,17 +165,37 @@ def test_a_zip_whose_end_record_understates_its_entries_is_counted_before_it_is_
     _refused(server, tmp_path, "liar.zip", "more than 200000 archive members", "max-files")
 
 
-def test_a_zip_of_100000_files_with_short_names_installs(server: Nginx, tmp_path: Path) -> None:
-    # The directory check must not refuse the largest set the default limits accept, as a zip.
-    with zipfile.ZipFile(server.root / "set.zip", "w") as archive:
-        for i in range(100_000):
-            archive.writestr(f"f{i:06d}", b"%d" % i)
+def test_a_zip_of_30000_files_installs_and_is_followed_through_a_change_under_the_pod_limit(
+    server: Nginx, tmp_path: Path
+) -> None:
+    # The directory budget must not refuse a large zip set; and it comes on top of the set a watch holds.
+    def write(version: bytes) -> None:
+        with zipfile.ZipFile(server.root / "set.new", "w") as archive:
+            for i in range(30_000):
+                archive.writestr(f"f{i:06d}", version + b"%d" % i)
+        (server.root / "set.new").rename(server.root / "set.zip")
+
+    write(b"a")
     dest = tmp_path / "D"
     result, peak = infantry_measured(tmp_path, "install", "--source", server.url("set.zip"), "--dest", str(dest))
     assert result.returncode == 0, result.stderr[-2000:]
     assert peak < POD_LIMIT_MIB, f"install peaked at {peak:.1f} MiB"
-    assert (dest / "f054321").read_bytes() == b"54321"
-    assert sum(1 for p in dest.iterdir() if not p.name.startswith("..")) == 100_000
+    assert (dest / "f024321").read_bytes() == b"a24321"
+    watch = Watch(tmp_path, ["--source", server.url("set.zip"), "--dest", str(dest), "--interval", "1"])
+    try:
+        watch.wait_ready(timeout=120)
+        write(b"b")
+        wait_until("the change", lambda: (dest / "f024321").read_bytes() == b"b24321", timeout=120)
+        peak = peak_rss_mib(watch.proc.pid)
+    finally:
+        code, _ = watch.stop()
+    assert code == 0
+    assert peak < POD_LIMIT_MIB, f"watch peaked at {peak:.1f} MiB\n{watch.log()}"
+
+
+def test_a_zip_of_100000_files_is_refused_with_a_hint_to_send_a_tar(server: Nginx, tmp_path: Path) -> None:
+    write_zip_directory(server.root / "set.zip", (b"f%06d" % i for i in range(100_000)))
+    _refused(server, tmp_path, "set.zip", "central directory", "tar.gz archive is read as a stream")
 
 
 def test_gzip_of_several_members_is_decoded_and_garbage_after_it_refused(server: Nginx, tmp_path: Path) -> None:

@@ -304,3 +304,18 @@ def test_pydantic_never_quotes_a_secret_from_a_config_file(tmp_path: Path, text:
 def test_redact_url_survives_urls_that_do_not_parse() -> None:
     assert SECRET not in redact_url(f"http://[{SECRET}/x")
     assert redact_url(f"https://me:{SECRET}@h:8443/p?k={SECRET}") == "https://me:***@h:8443/p?***"
+
+
+def test_a_config_that_is_a_fifo_is_refused_at_once_not_waited_on(store: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    result = infantry("install", "--source", f"file://{store}", "--dest", str(tmp_path / "D"), "--config", str(fifo))
+    assert_refused(result, "config", "not a regular file")
+
+
+def test_a_reload_method_that_is_no_http_method_is_refused_at_start(store: Path, tmp_path: Path) -> None:
+    result = infantry(
+        "watch", "--source", f"file://{store}", "--dest", str(tmp_path / "D"),
+        "--reload-url", f"http://127.0.0.1:{closed_port()}/reload", "--reload-method", "BAD METHOD",
+    )  # fmt: skip
+    assert_refused(result, "--reload-method", "HTTP method")

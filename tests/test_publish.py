@@ -269,3 +269,21 @@ def test_a_hostile_manifest_is_not_read_through_or_waited_on(tmp_path: Path, kin
     assert publisher.current() is None
     assert publisher.publish(snap(a="1"))
     assert read_as_app(dest) == {"a": "1"}
+
+
+def test_a_link_planted_in_the_live_set_is_repaired_not_followed(tmp_path: Path) -> None:
+    dest = tmp_path / "configs"
+    publisher = KubeletPublisher(dest, 0o644)
+    wanted = snap(sub__a="1", top="t")
+    assert publisher.publish(wanted)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a").write_text("not infantry's\n")
+    live = dest / os.readlink(dest / DATA)
+    shutil.rmtree(live / "sub")
+    (live / "sub").symlink_to(outside)
+    assert publisher.verify(wanted) is not None
+    assert publisher.publish(wanted)  # a fresh copy, not a hard link through the planted link
+    assert publisher.verify(wanted) is None
+    assert read_as_app(dest) == {"sub/a": "1", "top": "t"}
+    assert (outside / "a").read_text() == "not infantry's\n"
