@@ -77,5 +77,9 @@ class PublishError(InfantryError):
     """The destination could not be updated."""
 
 
+class ContentLost(PublishError):
+    """Content held in the spool was removed or changed on disk: the sources must read it again."""
+
+
 class NotifyError(InfantryError):
     """The app could not be told to reload."""

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Literal, Protocol
 
-from infantry.errors import CheckFailed, PublishError, SettingsError
+from infantry.errors import CheckFailed, ContentLost, PublishError, SettingsError
 from infantry.process import run_command
 from infantry.snapshot import FileEntry, Snapshot, check_path, printable
 from infantry.spool import CHUNK, INLINE_MAX, Blob, Digest
@@ -421,14 +421,18 @@ def _write_new(path: Path | str, entry: FileEntry, file_mode: int, dir_fd: int |
             handle.write(content)
         elif isinstance(content, Blob):
             h = hashlib.sha256()
-            with content.open() as source:
+            try:
+                source = content.open()
+            except OSError as exc:
+                raise ContentLost(f"the spooled copy of {printable(name)} is gone ({exc.strerror})") from None
+            with source:
                 while chunk := source.read(CHUNK):
                     h.update(chunk)
                     handle.write(chunk)
             if h.digest() != content.sha:
-                raise PublishError(f"the spooled copy of {printable(name)} was changed on disk; not publishing it")
+                raise ContentLost(f"the spooled copy of {printable(name)} was changed on disk; not publishing it")
         else:
-            raise PublishError(f"the content of {printable(name)} is no longer held; it must be read again")
+            raise ContentLost(f"the content of {printable(name)} is no longer held")
         handle.flush()
         os.fchmod(handle.fileno(), _mode(entry, file_mode))
         return os.fstat(handle.fileno())

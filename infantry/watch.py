@@ -37,7 +37,15 @@ from typing import Any, TypeVar
 import httpx
 
 from infantry import memory, spool, threads
-from infantry.errors import CheckFailed, NotifyError, PublishError, SettingsError, SourceError, UnsafeDataError
+from infantry.errors import (
+    CheckFailed,
+    ContentLost,
+    NotifyError,
+    PublishError,
+    SettingsError,
+    SourceError,
+    UnsafeDataError,
+)
 from infantry.health import Clock, HealthServer, Metrics, Report
 from infantry.notify import (
     CommandVerifier,
@@ -146,6 +154,7 @@ class Watcher:
         self._occupied = False
         self._desired: Snapshot | None = None
         self._merged_key: tuple[str, ...] = ()
+        self._refreshed_at: int | None = None  # the generation at which the sources were last asked to read again
         self._pending: _Pending | None = None
         self._busy: asyncio.Future[Any] | None = None
         self._dead: str | None = None
@@ -239,6 +248,7 @@ class Watcher:
                         continue
                     self.metrics.syncs.labels("changed").inc()
                     self._parts[index] = item
+                    self._desired = None  # merged again even if the versions are the same: the content is new
                     self._in_sync = False  # until a step has put it in place and told the app
                     self._generation += 1
                     self.metrics.in_sync.set(0)
@@ -362,6 +372,15 @@ class Watcher:
                     return problem
             if self._pending is not None:
                 return await self._tell(self._pending)
+        except ContentLost as exc:
+            # The spool was emptied or changed behind infantry's back (with the destination, say): what
+            # the sources gave is gone, so they read it all again, and the next step publishes that.
+            self.metrics.publishes.labels("error").inc()
+            if self._refreshed_at != self._generation:  # once, until the sources have answered again
+                self._refreshed_at = self._generation
+                for _, source in self._sources:
+                    source.refresh()
+            return f"{exc}; reading every source again"
         except PublishError as exc:  # including a call to the destination past its deadline
             self.metrics.publishes.labels("timeout" if isinstance(exc, _StepTimeout) else "error").inc()
             return str(exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -279,3 +280,21 @@ def test_a_store_rebuilt_from_scratch_is_read_again(etcd: Etcd, tmp_path: Path, 
     wait_until("exactly the rebuilt store's keys", lambda: read_as_app(dest) == {"a": "new"}, timeout=20)
     assert watch.proc.poll() is None, watch.log()
     assert watch.log().count("the store was rebuilt") == 1, watch.log()
+
+
+def test_an_emptied_destination_with_spooled_values_is_read_again_and_restored(
+    etcd: Etcd, tmp_path: Path, watches: list[Watch]
+) -> None:
+    big = "# a value held in the spool\n" * 100
+    etcd.put("/app/big.conf", big)
+    etcd.put("/app/small.conf", "s\n")
+    dest = tmp_path / "D"
+    watch = Watch(tmp_path, ["--source", etcd.url(), "--dest", str(dest), "--interval", "0.5"])
+    watches.append(watch)
+    watch.wait_ready()
+    subprocess.run(["rm", "-rf", str(dest)], check=True)  # the spool, inside it, goes too
+    wanted = {"big.conf": big, "small.conf": "s\n"}
+    wait_until("the set to be restored", lambda: dest.exists() and read_as_app(dest) == wanted, timeout=30)
+    assert "reading every source again" in watch.log()
+    etcd.put("/app/big.conf", big + "# and followed after\n")
+    wait_until("a later change", lambda: read_as_app(dest)["big.conf"].endswith("# and followed after\n"))

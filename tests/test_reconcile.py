@@ -43,6 +43,7 @@ class FakeSource:
 
     def __init__(self) -> None:
         self.name = "fake://store"
+        self.refreshes = 0
         self.queue: asyncio.Queue[Snapshot | BaseException | None] = asyncio.Queue()
 
     async def fetch(self) -> Snapshot:
@@ -54,6 +55,9 @@ class FakeSource:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+    def refresh(self) -> None:
+        self.refreshes += 1
 
     async def aclose(self) -> None:
         pass

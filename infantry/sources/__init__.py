@@ -28,6 +28,12 @@ class Source(Protocol):
     def watch(self) -> AsyncIterator[Snapshot | None]:
         """Follow the store: a full Snapshot, then one per change, or None when nothing changed."""
 
+    def refresh(self) -> None:
+        """Forget what was read: the next answer is the whole set, read again, even if unchanged.
+
+        `watch` asks it when content held for publishing was lost (the spool emptied behind its back).
+        """
+
     async def aclose(self) -> None:
         """Release connections and watchers."""
 

@@ -118,6 +118,7 @@ class EtcdSource:
         self._kv: Mapping[str, FileEntry] | None = None
         self._revision = 0  # the revision self._kv reflects
         self._behind = False  # the last quiet-stream probe found the store ahead of the stream
+        self._refreshed = False  # refresh() asked for everything to be read again
         # What the store's response headers said: a different cluster, or a revision going backwards,
         # means the store was rebuilt from scratch and self._kv describes a store that is gone.
         self._cluster_id: str | None = None
@@ -463,6 +464,10 @@ class EtcdSource:
         self._kv = snapshot.files  # the same names and entries: keep one dict of them, not two
         return snapshot
 
+    def refresh(self) -> None:
+        """Read the whole prefix again, from a fresh revision, and answer with it."""
+        self._refreshed = True
+
     async def fetch(self) -> Snapshot:
         """Read the whole prefix once."""
         await self._read_all()
@@ -533,6 +538,10 @@ class EtcdSource:
                     raise self._error(f"watch refused: HTTP {resp.status_code}: {answer.get('message', '')}")
                 lines = self._lines(resp)
                 while True:
+                    if self._refreshed:  # within an interval: the quiet-stream wait is no longer than that
+                        self._refreshed = False
+                        yield _REBUILT
+                        return
                     if read is None:
                         read = asyncio.ensure_future(anext(lines, None))
                     done, _ = await asyncio.wait({read}, timeout=self._interval)

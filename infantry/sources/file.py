@@ -305,6 +305,15 @@ class FileSource:
         self._limits = limits
         self._interval = interval
         self._reuse = Reuse()
+        self._refreshed = False
+        self._wakeup: asyncio.Event | None = None
+
+    def refresh(self) -> None:
+        """Read every file again, and answer with the whole set even if it is unchanged."""
+        self._reuse = Reuse()
+        self._refreshed = True
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     async def fetch(self) -> Snapshot:
         """Read the tree once."""
@@ -316,7 +325,7 @@ class FileSource:
         Raises only SourceError and UnsafeDataError. A watcher that died, or that watches a directory
         since replaced, is started again; the resync every interval covers the gap.
         """
-        changed = asyncio.Event()
+        changed = self._wakeup = asyncio.Event()
         loop = asyncio.get_running_loop()
         observer, watched = self._start_observer(changed)
         try:
@@ -340,8 +349,9 @@ class FileSource:
                     )
                     await _stop(observer)
                     observer, watched = self._start_observer(changed)
+                refreshed, self._refreshed = self._refreshed, False
                 snapshot = await self.fetch()
-                if snapshot.version == last.version:
+                if snapshot.version == last.version and not refreshed:
                     yield None  # and keep holding ``last``, the set the agent holds too: one copy, not two
                     continue
                 last = snapshot

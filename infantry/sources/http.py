@@ -283,6 +283,11 @@ class HttpSource:
             unpack(self._archive, body, builder)
         return builder.build()
 
+    def refresh(self) -> None:
+        """Download the whole set on the next poll, without validators, and answer with it."""
+        self._last = None
+        self._etag = self._last_modified = None
+
     async def fetch(self) -> Snapshot:
         """Download the whole set, ignoring what was seen before."""
         self._last = None
