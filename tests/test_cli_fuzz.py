@@ -332,6 +332,8 @@ def test_the_command_line_never_prints_a_traceback_nor_a_password() -> None:
         run = _runner(runner, scene)
         options = Options(scene)
 
+        ran = 0
+
         @settings(
             max_examples=2000,
             deadline=None,
@@ -340,9 +342,12 @@ def test_the_command_line_never_prints_a_traceback_nor_a_password() -> None:
         )
         @given(invocation(scene, options))
         def check(drawn: tuple[str, list[str], str | None, str, list[str]]) -> None:
+            nonlocal ran
+            ran += 1
             run(*drawn)
 
         check()
+        assert ran >= 2000, f"only {ran} command lines were tried"
 
 
 def _runner(runner: CliRunner, scene: Scene) -> Callable[[str, list[str], str | None, str, list[str]], None]:
