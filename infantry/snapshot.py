@@ -249,13 +249,18 @@ class SnapshotBuilder:
         self._admit(path)
         self.check_size(path, len(data))
         try:
-            self.add_entry(path, FileEntry(data, executable))
+            entry = FileEntry(data, executable)
         except spool.SpoolError as exc:
             raise self._spool_error(path, exc) from None
+        self._put(path, entry)
 
     def add_entry(self, path: str, entry: FileEntry) -> None:
         """Add a file whose content is already held (in memory or in the spool)."""
         self._admit(path)
+        self._put(path, entry)
+
+    def _put(self, path: str, entry: FileEntry) -> None:
+        """Keep an admitted path's entry, within the size limits."""
         self.check_size(path, entry.size)
         self._files[path] = entry
         self._total += entry.size
@@ -272,7 +277,7 @@ class SnapshotBuilder:
             chunk = read(INLINE_MAX + 1 - len(head))
             if not chunk:
                 entry = FileEntry(head, executable)
-                self.add_entry(path, entry)
+                self._put(path, entry)
                 return entry
             head += chunk
         try:
@@ -288,7 +293,7 @@ class SnapshotBuilder:
         except spool.SpoolError as exc:
             raise self._spool_error(path, exc) from None
         entry = FileEntry(blob, executable)
-        self.add_entry(path, entry)
+        self._put(path, entry)
         return entry
 
     def build(self) -> Snapshot:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import time
@@ -147,3 +148,13 @@ def test_a_fifo_in_the_spool_is_refused_not_waited_on(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="not a regular file"):
         blob.read()
     store.close()
+
+
+def test_each_path_is_counted_once_toward_the_names_bound() -> None:
+    builder = SnapshotBuilder("test", Limits())
+    path = "/".join(["d" * 250] * 12)  # 3,011 bytes
+    for i in range(5000):  # 15 MB of names: under the 16 MiB bound, counted once each
+        builder.add(f"{i:05d}/{path}", b"x")
+    builder.add_stream("streamed", io.BytesIO(b"y" * 1000).read)
+    builder.add_entry("entry", FileEntry(b"z"))
+    assert len(builder.build().files) == 5002
