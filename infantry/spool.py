@@ -260,6 +260,9 @@ def use(directory: Path | None) -> Spool:
     global _current
     old, _current = _current, Spool(directory)
     old.close()
+    if directory is not None:
+        with contextlib.suppress(OSError):
+            _remove(directory)  # what a killed process left there belongs to nobody now
     return _current
 
 

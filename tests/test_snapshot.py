@@ -158,3 +158,16 @@ def test_each_path_is_counted_once_toward_the_names_bound() -> None:
     builder.add_stream("streamed", io.BytesIO(b"y" * 1000).read)
     builder.add_entry("entry", FileEntry(b"z"))
     assert len(builder.build().files) == 5002
+
+
+def test_a_spool_left_by_a_killed_process_is_removed_at_start(tmp_path: Path) -> None:
+    from infantry import spool
+
+    left = tmp_path / "dest" / "..spool"
+    left.mkdir(parents=True)
+    (left / "123-0").write_bytes(b"left behind")
+    try:
+        spool.use(left)
+        assert not left.exists()
+    finally:
+        spool.use(None)
