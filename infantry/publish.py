@@ -36,7 +36,7 @@ from typing import Literal, Protocol
 from infantry.errors import CheckFailed, ContentLost, PublishError, SettingsError
 from infantry.process import run_command
 from infantry.snapshot import FileEntry, Snapshot, check_path, printable
-from infantry.spool import CHUNK, INLINE_MAX, Blob, Digest
+from infantry.spool import CHUNK, INLINE_MAX, Blob, Digest, remove
 
 logger = logging.getLogger(__name__)
 
@@ -555,18 +555,6 @@ def clear_fallback(dest: Path) -> None:
         os.unlink(dest / FALLBACK)
 
 
-def _remove(path: Path) -> None:
-    """Remove a file, link or directory tree inside the destination, never following links."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
 class KubeletPublisher:
     """The ``..data`` symlink-swap layout of the kubelet.
 
@@ -818,7 +806,7 @@ class KubeletPublisher:
                 or entry.name == f"{DATA}_tmp"
                 or (SNAPSHOT_DIR.fullmatch(entry.name) and entry.name not in keep)
             ):
-                _remove(Path(entry.path))
+                remove(Path(entry.path))
                 removed = True
         if self._live_dir(PREVIOUS) is None and os.path.lexists(self.dest / PREVIOUS):
             os.unlink(self.dest / PREVIOUS)
@@ -934,7 +922,7 @@ class DirectPublisher:
             self.dest.mkdir(parents=True, exist_ok=True)
             for leftover in os.scandir(self.dest):
                 if leftover.name.startswith(TMP_PREFIX):
-                    _remove(Path(leftover.path))
+                    remove(Path(leftover.path))
             dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise PublishError(f"cannot prepare {self.dest}: {exc}") from exc

@@ -161,7 +161,7 @@ class Spool:
                     path = Path(self._made)
                 else:
                     path = self._directory
-                    _remove(path)
+                    remove(path)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     os.mkdir(path, 0o700)
                 self._fd = os.open(path, _DIR_FLAGS)
@@ -229,13 +229,13 @@ class Spool:
             if fd is not None:
                 os.close(fd)
             if self._directory is not None and fd is not None:
-                _remove(self._directory)
+                remove(self._directory)
             elif self._made is not None:
                 shutil.rmtree(self._made, ignore_errors=True)
                 self._made = None
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
     """Remove ``path``: a link itself (never what it points at), or a directory tree."""
     try:
         st = path.lstat()
@@ -262,7 +262,7 @@ def use(directory: Path | None) -> Spool:
     old.close()
     if directory is not None:
         with contextlib.suppress(OSError):
-            _remove(directory)  # what a killed process left there belongs to nobody now
+            remove(directory)  # what a killed process left there belongs to nobody now
     return _current
 
 

@@ -153,7 +153,6 @@ class Watcher:
         self._live: Snapshot | None = None
         self._occupied = False
         self._desired: Snapshot | None = None
-        self._merged_key: tuple[str, ...] = ()
         self._refreshed_at: int | None = None  # the generation at which the sources were last asked to read again
         self._pending: _Pending | None = None
         self._busy: asyncio.Future[Any] | None = None
@@ -351,15 +350,13 @@ class Watcher:
         return problem
 
     def _merged(self) -> Snapshot:
-        """The sources' latest sets as one; merged again only when one of them changed."""
-        key = tuple(part.version if part is not None else "" for part in self._parts)
-        if self._desired is None or key != self._merged_key:
+        """The sources' latest sets as one; merged again only after one of them answered with a set."""
+        if self._desired is None:
             self._desired = merge(
                 Part(spec.url, spec.dir, part)
                 for (spec, _), part in zip(self._sources, self._parts, strict=True)
                 if part is not None
             )
-            self._merged_key = key
         return self._desired
 
     async def _converge(self, target: Snapshot, changed_at: float | None, gate: Gate | None) -> str | None:

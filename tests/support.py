@@ -400,6 +400,17 @@ class SignalRecorder:
             self.proc.wait(timeout=10)
 
 
+def serve_loopback(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """A threaded HTTP server for ``handler`` on a free loopback port, serving from a daemon thread.
+
+    Its port is ``server.server_address[1]``; stop it with ``shutdown()`` and ``server_close()``.
+    """
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 class ReloadEndpoint:
     """A real HTTP server that records reload calls and answers with ``status``."""
 

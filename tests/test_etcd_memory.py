@@ -14,15 +14,14 @@ import os
 import random
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import Etcd, Watch, wait_until
+from tests.support import Etcd, Watch, serve_loopback, wait_until
 
 MIB = 1024 * 1024
 POD_LIMIT_MIB = 128  # the memory limit `inject` gives the container by default
@@ -196,10 +195,8 @@ class EndlessGateway:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = serve_loopback(Handler)
         self.port = int(self._server.server_address[1])
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
         self._server.shutdown()
