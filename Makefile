@@ -15,13 +15,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/demo/demo.py
 
-# nginx and etcd are real servers the tests talk to (etcdctl is the benchmarks' baseline);
-# install them when missing and root.
+# nginx and etcd are real servers the tests talk to (etcdctl is the benchmarks' baseline); docker.io is
+# the private Docker engine the image and the compose demo run on, and mmdebstrap builds stand-ins for
+# base images no registry can give. Install them when missing and root.
 system-packages:
 	@missing=""; \
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	command -v etcdctl >/dev/null 2>&1 || missing="$$missing etcd-client"; \
+	[ -x /usr/sbin/dockerd ] || missing="$$missing docker.io"; \
+	[ -x /usr/bin/mmdebstrap ] || missing="$$missing mmdebstrap"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "installing$$missing"; \

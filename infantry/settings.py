@@ -6,6 +6,7 @@ The README's settings table is generated from this model by ``settings_table()``
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
@@ -760,10 +761,20 @@ def _dest_problem(path: Path) -> str | None:
             return f"cannot use {str(path)!r}: {exc.strerror or exc}; {hint}"
         except ValueError as exc:
             return f"cannot use {str(path)!r}: {exc}; {hint}"
+    where = repr(str(path)) if target == path else f"{str(target)!r} (on the way to {str(path)!r})"
     if not stat.S_ISDIR(st.st_mode):
         kind = "is a file" if stat.S_ISREG(st.st_mode) else "is not a directory"
-        where = repr(str(path)) if target == path else f"{str(target)!r} (on the way to {str(path)!r})"
         return f"{where} {kind}, not a directory; {hint}"
+    if not os.access(target, os.W_OK | os.X_OK):
+        # Found now, not after --timeout of retries: nothing can be spooled or published there.
+        owner = f"mode {stat.filemode(st.st_mode)}, owner UID {st.st_uid}"
+        with contextlib.suppress(OSError):
+            if os.statvfs(target).f_flag & os.ST_RDONLY:
+                owner = "a read-only file system"
+        return (
+            f"{where} is not writable by UID {os.geteuid()} ({owner}); mount a volume there that this user may "
+            "write (an emptyDir is), or run as its owner"
+        )
     return None
 
 

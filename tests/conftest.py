@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tests.support import CuttableProxy, Etcd, Nginx, ReloadEndpoint, SignalRecorder, TlsFiles, Watch, free_port
+from tests.support import (
+    FIGURES,
+    CuttableProxy,
+    Etcd,
+    Nginx,
+    ReloadEndpoint,
+    SignalRecorder,
+    TlsFiles,
+    Watch,
+    free_port,
+)
 
 # secret_guard fails the session if a test secret appears in any test's output; pytester tests it.
 pytest_plugins = ["pytester", "tests.secret_guard"]
@@ -17,6 +27,13 @@ pytest_plugins = ["pytester", "tests.secret_guard"]
 # code: on a busy CI machine they fail examples that are correct. The pytest timeout still bounds a hang.
 settings.register_profile("infantry", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("infantry")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section("figures measured", sep="=")
+        for line in FIGURES:
+            terminalreporter.line(line)
 
 
 @pytest.fixture

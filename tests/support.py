@@ -31,6 +31,13 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # connection from a server still starting); a busy 2-core CI machine needs seconds, not tries.
 READ_RETRY_SECONDS = 5.0
 REQUEST_SECONDS = 10.0
+# Figures a test measured, printed at the end of the run (image size, propagation time, ...).
+FIGURES: list[str] = []
+
+
+def report_figure(line: str) -> None:
+    """Print ``line`` in the run's summary, where CI output shows it."""
+    FIGURES.append(line)
 
 
 # The deadline of the innermost wait_until, so that a helper retrying inside a condition (Watch.get)

@@ -7,9 +7,12 @@ checked: one log line, no traceback, the setting's name, a hint.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,6 +62,30 @@ def test_dest_that_is_a_regular_file(store: Path, tmp_path: Path) -> None:
     assert_refused(install(store, "--dest", str(afile)), "--dest", "is a file, not a directory; give a directory")
     assert_refused(install(store, "--dest", str(afile / "sub")), "--dest", "on the way to")
     assert afile.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("command", ["install", "watch"])
+def test_dest_the_user_may_not_write_is_refused_at_once(command: str) -> None:
+    """A volume that starts root-owned and 0755 (a named volume made from an image's /configs) is a
+    settings error, found at start: not a source retried until --timeout."""
+    if os.geteuid() != 0:
+        pytest.fail("the tests run as root (as `make test` does), to run infantry as another user")
+    shared = Path(tempfile.mkdtemp(prefix="infantry-dest-"))
+    try:
+        shared.chmod(0o755)
+        (shared / "store").mkdir(mode=0o755)
+        (shared / "store" / "app.yaml").write_text("a: 1\n")
+        (shared / "configs").mkdir(mode=0o755)  # root's, as Docker makes it from an image's directory
+        result = subprocess.run(
+            ["setpriv", "--reuid=65532", "--regid=65532", "--clear-groups", sys.executable, "-m", "infantry",
+             command, "--source", (shared / "store").as_uri(), "--dest", str(shared / "configs")],
+            capture_output=True, text=True, timeout=30, env={k: v for k, v in os.environ.items()
+                                                           if not k.startswith("INFANTRY_")},
+        )  # fmt: skip
+        assert_refused(result, "--dest", "is not writable by UID 65532 (mode drwxr-xr-x, owner UID 0)")
+        assert list((shared / "configs").iterdir()) == []
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_dest_given_in_the_environment_is_named_as_its_variable(store: Path, tmp_path: Path) -> None:

@@ -211,6 +211,9 @@ def test_compose_file_has_the_five_services_wired_as_documented() -> None:
     assert services["infantry-watch"]["user"] == services["infantry-install"]["user"]
     build = services["infantry-install"]["build"]
     assert (COMPOSE.parent / build["context"] / build["dockerfile"]).is_file()
+    # Both infantry services build the image, so that Compose never tries to pull it.
+    assert services["infantry-watch"]["build"] == build
+    assert services["infantry-watch"]["image"] == services["infantry-install"]["image"]
     for service in services.values():
         for volume in service.get("volumes", []):
             source = volume.split(":", 1)[0]
@@ -218,6 +221,19 @@ def test_compose_file_has_the_five_services_wired_as_documented() -> None:
                 assert (COMPOSE.parent / source).exists(), source
             else:
                 assert source in compose["volumes"], source
+
+
+def test_every_example_names_the_image_the_readme_builds() -> None:
+    built = re.search(r"docker build -f docker/Dockerfile -t (\S+) \.", (ROOT / "README.md").read_text())
+    assert built, "the README shows no docker build"
+    tag = built.group(1)
+    assert tag == f"infantry:{version('infantry')}"
+    named = [service["image"] for service in yaml.safe_load(COMPOSE.read_text())["services"].values()]
+    for manifest in sorted((ROOT / "examples" / "kubernetes").rglob("*.yaml")):
+        named += re.findall(r"image:\s*(\S+)", manifest.read_text())
+    named += re.findall(r"`(infantry:[^`]+)`", (ROOT / "README.md").read_text())
+    infantry_images = {name for name in named if name.startswith("infantry:") or name.startswith("infantry@")}
+    assert infantry_images == {tag}
 
 
 def dockerfile_stages() -> list[list[str]]:
