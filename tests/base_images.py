@@ -174,14 +174,20 @@ def ensure(engine: DockerEngine) -> list[Outcome]:
     outcomes = []
     for name in named_images():
         started = time.monotonic()
-        if engine.docker("pull", "--quiet", name, check=False, timeout=300).returncode == 0:
+        if engine.docker("pull", "--quiet", name, check=False, timeout=120).returncode == 0:
             outcomes.append(Outcome(name, "pulled", time.monotonic() - started))
             continue
         recipe = RECIPES.get(repository(name))
         if recipe is None:
             raise EngineError(f"{name} cannot be pulled, and there is no stand-in recipe for {repository(name)}")
         tarball, how = _root_filesystem(name, recipe)
-        engine.docker("import", *[f"--change={c}" for c in recipe.changes], str(tarball), name, timeout=600)
+        changes = [f"--change={c}" for c in recipe.changes]
+        if engine.docker("import", *changes, str(tarball), name, timeout=600, check=False).returncode != 0:
+            if how != "cached":
+                engine.docker("import", *changes, str(tarball), name, timeout=600)  # raises, with its output
+            tarball.unlink()  # a damaged cache entry (a disk that filled, say): build it again, once
+            tarball, how = _root_filesystem(name, recipe)
+            engine.docker("import", *changes, str(tarball), name, timeout=600)
         outcomes.append(Outcome(name, how, time.monotonic() - started))
     return outcomes
 
