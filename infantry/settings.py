@@ -754,6 +754,8 @@ def _dest_problem(path: Path) -> str | None:
             st = target.stat()
             break
         except (FileNotFoundError, NotADirectoryError):
+            if target.is_symlink():
+                return f"{str(target)!r} is a symbolic link to a path that does not exist; {hint}"
             if target.parent == target:
                 return None
             target = target.parent
@@ -763,17 +765,18 @@ def _dest_problem(path: Path) -> str | None:
             return f"cannot use {str(path)!r}: {exc}; {hint}"
     where = repr(str(path)) if target == path else f"{str(target)!r} (on the way to {str(path)!r})"
     if not stat.S_ISDIR(st.st_mode):
-        kind = "is a file" if stat.S_ISREG(st.st_mode) else "is not a directory"
-        return f"{where} {kind}, not a directory; {hint}"
-    if not os.access(target, os.W_OK | os.X_OK):
-        # Found now, not after --timeout of retries: nothing can be spooled or published there.
-        owner = f"mode {stat.filemode(st.st_mode)}, owner UID {st.st_uid}"
-        with contextlib.suppress(OSError):
-            if os.statvfs(target).f_flag & os.ST_RDONLY:
-                owner = "a read-only file system"
+        kind = "a file" if stat.S_ISREG(st.st_mode) else "not a directory"
+        return f"{where} is {kind}; {hint}"
+    # Found now, not after --timeout of retries: nothing can be spooled or published there. access()
+    # answers for the real UID, which is the one named.
+    with contextlib.suppress(OSError):
+        if os.statvfs(target).f_flag & os.ST_RDONLY:
+            return f"{where} is on a read-only file system; mount a writable volume there (an emptyDir is)"
+    if not os.access(target, os.R_OK | os.W_OK | os.X_OK):
         return (
-            f"{where} is not writable by UID {os.geteuid()} ({owner}); mount a volume there that this user may "
-            "write (an emptyDir is), or run as its owner"
+            f"{where} is not readable and writable by UID {os.getuid()} (mode {stat.filemode(st.st_mode)}, "
+            f"owner UID {st.st_uid}); mount a volume there that this user may write (an emptyDir is), or run "
+            "as its owner"
         )
     return None
 

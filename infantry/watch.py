@@ -96,6 +96,9 @@ class _SourceState:
     last_ok: float
     error: str | None = None
     failures: int = 0
+    # Why the store's latest content was refused (UnsafeDataError: an empty set, a bad path, too big),
+    # until the source delivers a set again: the destination then holds what the store no longer does.
+    refused: str | None = None
 
 
 @dataclass
@@ -240,12 +243,18 @@ class Watcher:
         while True:
             try:
                 async for item in source.watch():
+                    if item is None and state.refused is not None:
+                        # Unchanged since a read whose content was refused: still refused. Ask for the
+                        # whole set, so that the next answer says what the store holds.
+                        source.refresh()
+                        continue
                     self._answered(state)
                     if item is None:
                         self.metrics.syncs.labels("unchanged").inc()
                         memory.give_back()  # a source may have read a whole set to find it unchanged
                         continue
                     self.metrics.syncs.labels("changed").inc()
+                    state.refused = None
                     self._parts[index] = item
                     self._desired = None  # merged again even if the versions are the same: the content is new
                     self._in_sync = False  # until a step has put it in place and told the app
@@ -260,6 +269,9 @@ class Watcher:
             except (SourceError, UnsafeDataError, SettingsError) as exc:
                 self.metrics.syncs.labels("unsafe" if isinstance(exc, UnsafeDataError) else "error").inc()
                 hint = exc.retry_after if isinstance(exc, SourceError) else None
+                if isinstance(exc, UnsafeDataError):
+                    state.refused = str(exc)
+                    source.refresh()
                 delay = self._backoff.delay(state.failures, hint)
                 state.failures += 1
                 if str(exc) != state.error:
@@ -559,22 +571,24 @@ class Watcher:
             detail = f": {self._problem}" if self._problem else ""
             problems.append(f"the destination has not matched the store for {behind:.0f}s{detail}")
         live = self._live
-        reason = self._refused or self._problem or ("a change is being published" if not self._in_sync else None)
+        refused = self._refused or "; ".join(f"source {s.name}: {s.refused}" for s in self._states if s.refused)
+        in_sync = self._in_sync and not refused
+        reason = refused or self._problem or ("a change is being published" if not in_sync else None)
         status = {
             "healthy": not problems,
-            "in_sync": self._in_sync,
+            "in_sync": in_sync,
             "live": {"version": live.version, "files": len(live.files)} if live is not None else None,
             "previous": self._publisher.previous_version,
             "desired": self._desired.version if self._desired is not None else None,
             "pending_reload": self._pending.snapshot.version if self._pending is not None else None,
-            "refused": self._refused,
+            "refused": refused or None,
             "problem": self._problem,
             "seconds_out_of_sync": round(behind, 3) if behind is not None else None,
             "stale_after": self._stale_after,
             "sources": sources,
             "problems": problems,
         }
-        return Report(not problems, self._in_sync, problems, status, None if self._in_sync else reason)
+        return Report(not problems, in_sync, problems, status, None if in_sync else reason)
 
 
 _HINTS = (

@@ -4,7 +4,8 @@ The real images are tried first. Where no registry can be reached, a stand-in is
 packages with mmdebstrap, from this machine's own apt sources and apt settings (read here, at run time;
 no mirror is written into the repository), imported, and tagged with exactly the name the files use.
 Root filesystems are cached under ``~/.cache/infantry/base-images``, keyed by everything they are made
-from, so a second run imports instead of building.
+from, each beside its SHA-256, so a second run imports instead of building, and a damaged tarball is
+built again rather than imported.
 
 What each stand-in is, and how it differs from the real image, is in the README.
 """
@@ -181,13 +182,7 @@ def ensure(engine: DockerEngine) -> list[Outcome]:
         if recipe is None:
             raise EngineError(f"{name} cannot be pulled, and there is no stand-in recipe for {repository(name)}")
         tarball, how = _root_filesystem(name, recipe)
-        changes = [f"--change={c}" for c in recipe.changes]
-        if engine.docker("import", *changes, str(tarball), name, timeout=600, check=False).returncode != 0:
-            if how != "cached":
-                engine.docker("import", *changes, str(tarball), name, timeout=600)  # raises, with its output
-            tarball.unlink()  # a damaged cache entry (a disk that filled, say): build it again, once
-            tarball, how = _root_filesystem(name, recipe)
-            engine.docker("import", *changes, str(tarball), name, timeout=600)
+        engine.docker("import", *[f"--change={c}" for c in recipe.changes], str(tarball), name, timeout=600)
         outcomes.append(Outcome(name, how, time.monotonic() - started))
     return outcomes
 
@@ -201,8 +196,10 @@ def _root_filesystem(name: str, recipe: Recipe) -> tuple[Path, str]:
         key.update(path.read_bytes() + b"\0")
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
     tarball = CACHE / f"{stem}-{key.hexdigest()[:16]}.tar"
-    if tarball.is_file():
+    checksum = tarball.with_suffix(".sha256")
+    if tarball.is_file() and checksum.is_file() and checksum.read_text().strip() == _sha256(tarball):
         return tarball, "cached"
+    # Missing, or damaged (a disk that filled, a cut copy): build it again.
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = tarball.with_suffix(".partial")
     command = [
@@ -223,7 +220,16 @@ def _root_filesystem(name: str, recipe: Recipe) -> tuple[Path, str]:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
         raise EngineError(f"mmdebstrap could not build a stand-in for {name}:\n{result.stderr[-4000:]}")
-    for old in CACHE.glob(f"{stem}-*.tar"):
+    for old in (*CACHE.glob(f"{stem}-*.tar"), *CACHE.glob(f"{stem}-*.sha256")):
         old.unlink()
     partial.rename(tarball)
+    checksum.write_text(_sha256(tarball) + "\n")
     return tarball, "built"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -59,7 +59,7 @@ def install(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_dest_that_is_a_regular_file(store: Path, tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("mine\n")
-    assert_refused(install(store, "--dest", str(afile)), "--dest", "is a file, not a directory; give a directory")
+    assert_refused(install(store, "--dest", str(afile)), "--dest", "is a file; give a directory")
     assert_refused(install(store, "--dest", str(afile / "sub")), "--dest", "on the way to")
     assert afile.read_text() == "mine\n"
 
@@ -82,10 +82,27 @@ def test_dest_the_user_may_not_write_is_refused_at_once(command: str) -> None:
             capture_output=True, text=True, timeout=30, env={k: v for k, v in os.environ.items()
                                                            if not k.startswith("INFANTRY_")},
         )  # fmt: skip
-        assert_refused(result, "--dest", "is not writable by UID 65532 (mode drwxr-xr-x, owner UID 0)")
+        assert_refused(result, "--dest", "is not readable and writable by UID 65532 (mode drwxr-xr-x, owner UID 0)")
         assert list((shared / "configs").iterdir()) == []
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_dest_that_is_a_dangling_link_or_on_a_read_only_file_system(store: Path, tmp_path: Path) -> None:
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert_refused(install(store, "--dest", str(tmp_path / "dangling")), "--dest",
+                   "is a symbolic link to a path that does not exist")  # fmt: skip
+    if os.geteuid() != 0:
+        pytest.fail("the tests run as root (as `make test` does), to mount a read-only file system")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)], check=True)
+    try:
+        assert_refused(install(store, "--dest", str(read_only / "configs")), "--dest",
+                       "(on the way to")  # fmt: skip
+        assert "is on a read-only file system" in install(store, "--dest", str(read_only)).stderr
+    finally:
+        subprocess.run(["umount", str(read_only)], check=True)
 
 
 def test_dest_given_in_the_environment_is_named_as_its_variable(store: Path, tmp_path: Path) -> None:

@@ -187,6 +187,18 @@ def test_compose_demo_runs_as_the_readme_shows(engine: DockerEngine) -> None:
         assert _nginx_processes(engine, app)[0] == master, "nginx's master was replaced, not signalled"
         wait_until("nginx's workers to be replaced", lambda: not _nginx_processes(engine, app)[1] & workers)
 
+        # Beyond the README: a restart of the app ends the watcher too (they share a PID namespace); it
+        # comes back by itself and goes on following the store.
+        restarts = _restarts(engine, watcher)
+        engine.docker("compose", "-f", "docker/compose.yaml", "restart", "app", cwd=ROOT)
+        wait_until("infantry-watch to be restarted and healthy",
+                   lambda: _restarts(engine, watcher) > restarts and _health(engine, watcher) == "healthy",
+                   timeout=120)  # fmt: skip
+        yellow = 'location / { return 200 "color: yellow\n"; }'
+        engine.docker("compose", "-f", "docker/compose.yaml", "exec", "etcd", "etcdctl", "put", "/demo/site.conf",
+                      yellow, cwd=ROOT)  # fmt: skip
+        _shows("curl localhost:8080", "color: yellow", port, timeout=60)
+
         _run_readme_line(engine, down)
         finished = True
     finally:
@@ -215,6 +227,10 @@ def _health(engine: DockerEngine, container: str) -> str:
     assert isinstance(state, dict)
     health = state.get("Health")
     return str(health["Status"]) if isinstance(health, dict) else "none"
+
+
+def _restarts(engine: DockerEngine, container: str) -> int:
+    return int(str(_inspect(engine, "container", container)["RestartCount"]))
 
 
 def _leftovers(engine: DockerEngine) -> list[str]:

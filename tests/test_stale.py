@@ -9,6 +9,7 @@ destination converges to the store by itself, without the store changing again.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import IN_CI, Nginx, ReloadEndpoint, Watch, holds_for, infantry, read_as_app, wait_until
+from tests.support import IN_CI, Etcd, Nginx, ReloadEndpoint, Watch, holds_for, infantry, read_as_app, wait_until
 
 STALE = "2"
 
@@ -273,6 +274,43 @@ def test_a_check_that_writes_into_the_staged_set_is_refused_not_looped(tmp_path:
     assert holds_for(lambda: not record.exists() and read_as_app(dest) == {"app.yaml": "v: 1\n"}, 1.5)
     assert watch.metric("infantry_publishes_total", result="rejected") == 1  # refused once, not in a loop
     assert watch.get("/readyz")[0] == 503 and healthz(watch)[0] == 200
+
+
+@pytest.mark.parametrize("kind", ["etcd", "file"])
+def test_a_store_emptied_is_refused_and_not_ready_until_it_holds_files_again(
+    kind: str, tmp_path: Path, watches: list[Watch], request: pytest.FixtureRequest
+) -> None:
+    """An empty store is refused (the last good set stays), and /readyz and /status say so for as long as
+    it lasts: the destination no longer holds what the store does. /healthz follows --stale-after."""
+    dest = tmp_path / "D"
+    store = store_with(tmp_path)
+    etcd: Etcd | None = request.getfixturevalue("etcd") if kind == "etcd" else None
+
+    def write(content: str | None) -> None:
+        if etcd is not None:
+            etcd.put("/app/site.conf", content) if content is not None else etcd.delete("/app/site.conf")
+        elif content is not None:
+            (store / "site.conf").write_text(content)
+        else:
+            (store / "site.conf").unlink()
+
+    write("v: 1\n")
+    source = etcd.url() if etcd is not None else store.as_uri()
+    watch = Watch(tmp_path, ["--source", source, "--dest", str(dest), "--interval", "0.2", "--stale-after", STALE])
+    watches.append(watch)
+    watch.wait_ready()
+    write(None)
+    wait_until("/readyz to report the refusal", lambda: watch.get("/readyz")[0] == 503)
+    assert "holds no files" in watch.get("/readyz")[1]
+    assert "holds no files" in (json.loads(watch.get("/status")[1])["refused"] or "")
+    # It stays refused: an "unchanged" answer from the store does not count as a good one.
+    assert holds_for(lambda: watch.get("/readyz")[0] == 503, 1.0)
+    wait_until("/healthz to fail after --stale-after", lambda: healthz(watch)[0] == 503, timeout=20)
+    assert read_as_app(dest) == {"site.conf": "v: 1\n"}  # the last good set stays
+    write("v: 2\n")
+    wait_until("the new set", lambda: read_as_app(dest) == {"site.conf": "v: 2\n"})
+    wait_until("/readyz and /healthz to recover",
+               lambda: watch.get("/readyz")[0] == 200 and healthz(watch)[0] == 200)  # fmt: skip
 
 
 def test_a_directory_whose_mode_was_changed_is_repaired(tmp_path: Path, watches: list[Watch]) -> None:
