@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -32,6 +33,10 @@ EXIT_CODES: tuple[tuple[type[InfantryError], int], ...] = (
 COMMON = (
     "source",
     "dest",
+    "template",
+    "raw",
+    "template_env",
+    "render_timeout",
     "config",
     "layout",
     "file_mode",
@@ -54,6 +59,8 @@ COMMON = (
     "log_level",
 )
 INSTALL = (*COMMON, "timeout", "fallback")
+# render fetches and renders as install does, and writes nothing: no destination is checked at start.
+RENDER = tuple(name for name in (*COMMON, "timeout") if name not in ("dest", "layout", "file_mode", "publish_timeout"))
 WATCH = (
     *COMMON,
     "watch_timeout",
@@ -124,7 +131,7 @@ def setting_options(names: tuple[str, ...]) -> Callable[[F], F]:
             else:
                 func = click.option(
                     *declarations,
-                    multiple=name in ("source", "header"),
+                    multiple=name in ("source", "header", "template"),
                     default=None,
                     metavar=name.upper(),
                     help=help_text,
@@ -192,6 +199,21 @@ def install(**given: Any) -> None:
         return 0
 
     _run(given, job, INSTALL)
+
+
+@main.command()
+@click.option("--diff", "diff", metavar="DEST", default=None, help="Show a unified diff from what DEST holds.")
+@setting_options(RENDER)
+def render(diff: str | None, **given: Any) -> None:
+    """Fetch once, render the templates, and print the set install would publish; writes nothing."""
+
+    async def job(settings: Settings) -> int:
+        from infantry.render import run_render
+
+        await run_render(settings, child_environment(), Path(diff) if diff else None, sys.stdout.buffer)
+        return 0
+
+    _run(given, job, RENDER)
 
 
 @main.command()

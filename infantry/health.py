@@ -86,6 +86,12 @@ class Metrics:
             "Publishes that restored a destination changed behind infantry's back.",
             registry=self.registry,
         )
+        self.render_errors = Counter(
+            "infantry_render_errors",
+            "Template renders that failed (each distinct error once), by template.",
+            ["template"],
+            registry=self.registry,
+        )
         for result in ("changed", "unchanged", "error", "unsafe"):
             self.syncs.labels(result)
         for result in ("published", "rejected", "error", "timeout"):

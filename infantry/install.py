@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Literal
@@ -11,11 +12,12 @@ from typing import Literal
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from infantry import spool
+from infantry.assemble import Assembler, KeyAwaited
 from infantry.errors import CheckFailed, InfantryError, SettingsError, SourceError, SourceTimeout, UnsafeDataError
 from infantry.publish import SPOOL, Gate, Publisher, make_gate, make_publisher, mark_fallback, mark_told
 from infantry.retry import Backoff
 from infantry.settings import Settings, SourceSpec
-from infantry.snapshot import Part, Snapshot, merge
+from infantry.snapshot import Part, Snapshot
 from infantry.sources import Source, open_sources
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ async def run_install(
     sources = open_sources(settings)
     publisher = make_publisher(settings.dest, settings.layout, settings.file_mode)
     gate = make_gate(settings.check, settings.check_timeout, environ) if settings.check else None
-    return await install(settings, sources, publisher, gate, backoff)
+    return await install(settings, sources, publisher, gate, backoff, Assembler(settings, environ))
 
 
 async def install(
@@ -42,31 +44,16 @@ async def install(
     publisher: Publisher,
     gate: Gate | None,
     backoff: Backoff = DEFAULT_BACKOFF,
+    assembler: Assembler | None = None,
 ) -> InstallOutcome:
     """Fetch every source within ``--timeout``, check, and publish once; the sources are closed after."""
     async with contextlib.AsyncExitStack() as stack:
         for _, source in sources:
             stack.push_async_callback(source.aclose)
-        last_errors: dict[int, SourceError] = {}
         try:
-            async with asyncio.timeout(settings.timeout):
-                async with asyncio.TaskGroup() as group:
-                    tasks = [
-                        group.create_task(_fetch(i, source, last_errors, backoff))
-                        for i, (_, source) in enumerate(sources)
-                    ]
-        except TimeoutError:
-            detail = "; ".join(str(e) for e in last_errors.values()) or "no answer"
-            error = SourceTimeout("install", f"sources unreachable after {settings.timeout:g}s: {detail}")
+            snapshot = await gather(settings, sources, assembler or Assembler(settings), backoff)
+        except SourceError as error:
             return await _fallback(settings, publisher, gate, error)
-        except ExceptionGroup as group_error:
-            first = _first_error(group_error)
-            if isinstance(first, SourceError):
-                return await _fallback(settings, publisher, gate, first)
-            raise first from None
-        snapshot = merge(
-            Part(spec.url, spec.dir, task.result()) for (spec, _), task in zip(sources, tasks, strict=True)
-        )
         published = await asyncio.to_thread(publisher.publish, snapshot, gate)
         await asyncio.to_thread(publisher.tidy)
         # The app starts after install: it reads this set, so `watch` need not tell it again.
@@ -76,6 +63,55 @@ async def install(
             return "published"
         logger.info("destination already holds %s; nothing written", snapshot.short_version)
         return "unchanged"
+
+
+async def gather(
+    settings: Settings,
+    sources: Sequence[tuple[SourceSpec, Source]],
+    assembler: Assembler,
+    backoff: Backoff = DEFAULT_BACKOFF,
+) -> Snapshot:
+    """Fetch every source within ``--timeout``, and assemble the set to publish.
+
+    The sources are the value sources, then one per template. A template that waits for a key
+    (``missing: wait``) has every source fetched again, with backoff, until the key comes or
+    ``--timeout`` runs out. Raises SourceError (with SourceTimeout when the time ran out) for a store
+    that could not be read, and UnsafeDataError for one that answered with what cannot be published.
+    """
+    values = len(sources) - len(assembler.templates)
+    last_errors: dict[int, SourceError] = {}
+    awaited: KeyAwaited | None = None
+    try:
+        async with asyncio.timeout(settings.timeout):
+            for attempt in itertools.count():
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        tasks = [
+                            group.create_task(_fetch(i, source, last_errors, backoff))
+                            for i, (_, source) in enumerate(sources)
+                        ]
+                except ExceptionGroup as group_error:
+                    raise _first_error(group_error) from None
+                parts = [
+                    Part(spec.url, spec.dir, task.result())
+                    for (spec, _), task in zip(sources[:values], tasks[:values], strict=True)
+                ]
+                texts = [task.result() for task in tasks[values:]]
+                try:
+                    return assembler.assemble(parts, texts)
+                except KeyAwaited as exc:
+                    if awaited is None or str(exc) != str(awaited):
+                        logger.warning("%s; fetching again until --timeout", exc)
+                    awaited = exc
+                    await asyncio.sleep(backoff.delay(attempt))
+    except TimeoutError:
+        if awaited is not None:
+            raise UnsafeDataError(
+                awaited.source, f"key {awaited.key!r} still missing after --timeout {settings.timeout:g}s"
+            ) from None
+        detail = "; ".join(str(e) for e in last_errors.values()) or "no answer"
+        raise SourceTimeout("install", f"sources unreachable after {settings.timeout:g}s: {detail}") from None
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
 async def _fetch(index: int, source: Source, last_errors: dict[int, SourceError], backoff: Backoff) -> Snapshot:

@@ -35,7 +35,7 @@ from typing import Literal, Protocol
 
 from infantry.errors import CheckFailed, ContentLost, PublishError, SettingsError
 from infantry.process import run_command
-from infantry.snapshot import FileEntry, Snapshot, check_path, printable
+from infantry.snapshot import FileEntry, Snapshot, check_path, default_mode, entry_with_mode, printable
 from infantry.spool import CHUNK, INLINE_MAX, Blob, Digest, remove
 
 logger = logging.getLogger(__name__)
@@ -401,9 +401,7 @@ def make_publisher(dest: Path, layout: Literal["kubelet", "direct"], file_mode: 
 
 
 def _mode(entry: FileEntry, file_mode: int) -> int:
-    if entry.executable:
-        return file_mode | ((file_mode & 0o444) >> 2)
-    return file_mode
+    return entry.mode if entry.mode is not None else default_mode(entry.executable, file_mode)
 
 
 def _write_new(path: Path | str, entry: FileEntry, file_mode: int, dir_fd: int | None = None) -> os.stat_result:
@@ -455,10 +453,7 @@ def _read_tree(root: Path, file_mode: int, ledger: Ledger) -> Snapshot | None:
                 content, st = _read_content(path)
             except OSError:
                 return None
-            entry = FileEntry(content, executable=bool(st.st_mode & 0o100))
-            if stat.S_IMODE(st.st_mode) != _mode(entry, file_mode):
-                return None
-            files[rel] = entry
+            files[rel] = entry_with_mode(content, stat.S_IMODE(st.st_mode), file_mode)
             ledger.record(rel, st)
     return Snapshot.of(files) if files else None
 
@@ -873,7 +868,7 @@ class DirectPublisher:
                     for rel in self._manifest():
                         parent_fd, name = dirs.of(rel)
                         content, st = _read_content(name, parent_fd)
-                        files[rel] = FileEntry(content, executable=bool(st.st_mode & 0o100))
+                        files[rel] = entry_with_mode(content, stat.S_IMODE(st.st_mode), self._file_mode)
                         self._ledger.record(rel, st)
             except OSError:  # including a link or a file where a directory of the set belongs
                 return None

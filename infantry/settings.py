@@ -165,6 +165,75 @@ class SourceSpec(BaseModel):
         return urlsplit(self.url).scheme
 
 
+def _octal_mode(value: Any) -> Any:
+    """A mode given as an octal string ("0644"), as an int."""
+    if not isinstance(value, str):
+        return value
+    digits = value.strip().lower().removeprefix("0o")
+    if not digits or not digits.isascii() or not digits.isdigit() or not set(digits) <= set("01234567"):
+        raise ValueError(f"expected an octal mode (digits 0 to 7) like 0644, got {value[:20]!r}")
+    return int(digits, 8)
+
+
+def _readable_mode(value: int) -> int:
+    if not 0 <= value <= 0o777 or not value & 0o400:
+        raise ValueError(f"expected an octal mode readable by its owner, like 0644, got {value:o}")
+    return value
+
+
+class TemplateSpec(BaseModel):
+    """One template: where its text is read from, and where the rendered file goes in the set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    src: str = Field(description="The template's URL (file://, http(s)://, etcd(s)://), read like a source.")
+    dest: str = Field(description="Path of the rendered file in the published set.")
+    mode: int | None = Field(None, description="Octal mode of the rendered file (default: --file-mode).")
+    missing: Literal["error", "skip", "wait"] = Field(
+        "error", description="A missing key: `error` refuses the set, `skip` leaves this file out, `wait` waits."
+    )
+
+    @field_validator("src")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        problem = source_url_problem(url)
+        if problem is not None:
+            raise ValueError(f"{redact_url(url)}: {problem}")
+        return url
+
+    @field_validator("dest")
+    @classmethod
+    def _safe_dest(cls, value: str) -> str:
+        value = value.strip("/")
+        reason = check_path(value)
+        if reason is not None:
+            raise ValueError(f"unsafe dest {value!r}: {reason}")
+        return value
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        return _octal_mode(value)
+
+    @field_validator("mode")
+    @classmethod
+    def _mode_range(cls, value: int | None) -> int | None:
+        return None if value is None else _readable_mode(value)
+
+    @classmethod
+    def parse(cls, text: str) -> TemplateSpec:
+        """``SRC:DEST`` as given to ``--template``: a URL (or an absolute path) and a path in the set."""
+        src, sep, dest = text.rpartition(":")
+        # Without a DEST, the split falls inside the URL: after its scheme, or before its port.
+        if not sep or not src or not dest or dest.startswith("/") or dest.split("/", 1)[0].isdigit():
+            raise ValueError(
+                f"expected SRC:DEST, like file:///etc/infantry/app.conf.j2:app.conf, got {redact_url(text)[:80]!r}"
+            )
+        if src.startswith("/"):
+            src = Path(src).as_uri()
+        return cls(src=src, dest=dest, mode=None, missing="error")
+
+
 class Settings(BaseSettings):
     """infantry's settings. Field names are the option names with ``-`` as ``_``."""
 
@@ -174,6 +243,20 @@ class Settings(BaseSettings):
         default_factory=list, description="Source URL; repeat for several sources."
     )
     dest: Path = Field(Path("/configs"), description="Destination directory (the shared emptyDir).")
+    template: Annotated[list[TemplateSpec], NoDecode] = Field(
+        default_factory=list,
+        description="A template to render over the store's values, as SRC:DEST (URL:path in the set); repeat "
+        "for several. In the config file, `templates:` with src, dest, mode and missing.",
+    )
+    raw: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="Which fetched values are also published as files: `all`, `none`, or path prefixes "
+        "(default: `all` without templates, `none` with them).",
+    )
+    template_env: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Environment variables templates may read with env(NAME); no others."
+    )
+    render_timeout: Seconds = Field(5.0, description="Seconds one template's render may take.")
     config: Path | None = Field(None, description="YAML file holding any of these settings, and per-source options.")
     layout: Literal["kubelet", "direct"] = Field(
         "kubelet", description="`kubelet`: `..data` symlink swap; `direct`: plain files, atomic per file only."
@@ -281,6 +364,45 @@ class Settings(BaseSettings):
             return [{"url": item} if isinstance(item, str) else item for item in value]
         return value
 
+    @field_validator("template", mode="before")
+    @classmethod
+    def _templates(cls, value: Any) -> Any:
+        value = _split_words(value)
+        if isinstance(value, list | tuple):
+            return [TemplateSpec.parse(item) if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("raw", mode="before")
+    @classmethod
+    def _raw(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.replace(",", " ").split() if part]
+        if isinstance(value, list) and value in (["all"], ["none"]):
+            return value
+        if isinstance(value, list):
+            prefixes = []
+            for prefix in value:
+                if not isinstance(prefix, str):
+                    raise ValueError("expected `all`, `none`, or a list of path prefixes")  # noqa: TRY004
+                prefix = prefix.strip("/")
+                reason = check_path(prefix)
+                if reason is not None:
+                    raise ValueError(f"unsafe prefix {prefix!r}: {reason}")
+                prefixes.append(prefix)
+            return prefixes
+        return value
+
+    @field_validator("template_env", mode="before")
+    @classmethod
+    def _env_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [n for n in value.replace(",", " ").split() if n]
+        if isinstance(value, list):
+            for name in value:
+                if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                    raise ValueError(f"expected environment variable names, got {str(name)[:40]!r}")
+        return value
+
     @field_validator("containers", mode="before")
     @classmethod
     def _names(cls, value: Any) -> Any:
@@ -304,19 +426,12 @@ class Settings(BaseSettings):
     @field_validator("file_mode", mode="before")
     @classmethod
     def _octal(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        digits = value.strip().lower().removeprefix("0o")
-        if not digits or not digits.isascii() or not digits.isdigit() or not set(digits) <= set("01234567"):
-            raise ValueError(f"expected an octal mode (digits 0 to 7) like 0644, got {value[:20]!r}")
-        return int(digits, 8)
+        return _octal_mode(value)
 
     @field_validator("file_mode")
     @classmethod
     def _mode_range(cls, value: int) -> int:
-        if not 0 <= value <= 0o777 or not value & 0o400:
-            raise ValueError(f"expected an octal mode readable by its owner, like 0644, got {value:o}")
-        return value
+        return _readable_mode(value)
 
     @field_validator("wait", mode="before")
     @classmethod
@@ -413,6 +528,13 @@ class Settings(BaseSettings):
             return self.stale_after
         return max(3 * self.interval, 30.0, 2 * self.wait.max)
 
+    def raw_prefixes(self) -> list[str] | None:
+        """The prefixes of the values published as files: None for all of them, [] for none."""
+        rule = self.raw if self.raw is not None else (["none"] if self.template else ["all"])
+        if rule == ["all"]:
+            return None
+        return [] if rule == ["none"] else rule
+
     def resolved_sources(self) -> list[SourceSpec]:
         """The sources, with the top-level auth and TLS options filled in where a source sets none."""
         defaults: dict[str, Any] = {
@@ -430,6 +552,11 @@ class Settings(BaseSettings):
             update["headers"] = {**common, **spec.headers}
             resolved.append(spec.model_copy(update=update))
         return resolved
+
+    def template_sources(self) -> list[SourceSpec]:
+        """One source per template, to read its text, with the top-level auth, TLS and headers."""
+        fake = self.model_copy(update={"source": [SourceSpec.model_validate({"url": t.src}) for t in self.template]})
+        return fake.resolved_sources()
 
 
 def _check_header(name: str, value: str) -> None:
@@ -578,21 +705,28 @@ def read_config_file(path: Path) -> dict[str, Any]:
     known = [name for name in Settings.model_fields if name != "config"]
     if "config" in loaded:
         raise SettingsError(f"{path}: 'config' cannot name another config file; merge the two files")
-    if "sources" in loaded:
-        if "source" in loaded:
-            raise SettingsError(f"{path}: has both 'source' and 'sources'; keep one")
-        loaded["source"] = loaded.pop("sources")
+    for plural, name in (("sources", "source"), ("templates", "template")):
+        if plural in loaded:
+            if name in loaded:
+                raise SettingsError(f"{path}: has both '{name}' and '{plural}'; keep one")
+            loaded[name] = loaded.pop(plural)
     values = _normalise_keys(path, "", loaded, known)
     if isinstance(values.get("file_mode"), int):
         raise SettingsError(f'{path}: file_mode: give it as an octal string, e.g. "0644" (quoted)')
-    sources = values.get("source")
-    if isinstance(sources, list):
-        values["source"] = [
-            _normalise_keys(path, f" in source #{i + 1}", item, list(SourceSpec.model_fields))
-            if isinstance(item, dict)
-            else item
-            for i, item in enumerate(sources)
-        ]
+    for name, model in (("source", SourceSpec), ("template", TemplateSpec)):
+        items = values.get(name)
+        if isinstance(items, list):
+            values[name] = [
+                _normalise_keys(path, f" in {name} #{i + 1}", item, list(model.model_fields))
+                if isinstance(item, dict)
+                else item
+                for i, item in enumerate(items)
+            ]
+    template_items = values.get("template")
+    if isinstance(template_items, list) and any(
+        isinstance(item, dict) and isinstance(item.get("mode"), int) for item in template_items
+    ):
+        raise SettingsError(f'{path}: templates: give mode as an octal string, e.g. "0644" (quoted)')
     return values
 
 

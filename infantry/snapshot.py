@@ -65,23 +65,28 @@ def printable(path: str) -> str:
 
 
 class FileEntry:
-    """One file's content and whether it should be executable.
+    """One file's content, whether it should be executable, and its own mode when it has one.
 
     The content is the bytes themselves when small (at most ``spool.INLINE_MAX``), otherwise a
     :class:`~infantry.spool.Digest`: a spool Blob for content on its way to the destination, or a bare
     digest for a file read back from it. The size alone decides which, so equal content always has
     the same form, and entries compare (and a set's version is computed) without reading files.
+
+    ``mode`` None means the publisher's ``--file-mode`` (with execute bits when ``executable``); a
+    file with a mode of its own (a rendered template's) carries it. Use :func:`entry_with_mode` to make
+    one, so that a mode equal to the default is stored as None and equal files compare equal.
     """
 
-    __slots__ = ("content", "executable")
+    __slots__ = ("content", "executable", "mode")
 
-    def __init__(self, content: bytes | Digest, executable: bool = False) -> None:
+    def __init__(self, content: bytes | Digest, executable: bool = False, mode: int | None = None) -> None:
         if isinstance(content, bytes) and len(content) > INLINE_MAX:
             content = spool.current().store(content)
         elif isinstance(content, Blob) and content.size <= INLINE_MAX:
             content = content.read()  # one form for each size, so equal content compares equal
         self.content = content
         self.executable = executable
+        self.mode = mode
 
     @property
     def size(self) -> int:
@@ -98,13 +103,33 @@ class FileEntry:
         raise ValueError("only the digest of this file's content is kept")
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, FileEntry) and self.executable == other.executable and self.content == other.content
+        return (
+            isinstance(other, FileEntry)
+            and self.executable == other.executable
+            and self.mode == other.mode
+            and self.content == other.content
+        )
 
     def __hash__(self) -> int:
-        return hash((self.content, self.executable))
+        return hash((self.content, self.executable, self.mode))
 
     def __repr__(self) -> str:
-        return f"FileEntry({self.content!r}, executable={self.executable})"
+        mode = f", mode=0o{self.mode:o}" if self.mode is not None else ""
+        return f"FileEntry({self.content!r}, executable={self.executable}{mode})"
+
+
+def default_mode(executable: bool, file_mode: int) -> int:
+    """The mode a file gets from ``--file-mode``: execute bits added where read bits are, if executable."""
+    return file_mode | ((file_mode & 0o444) >> 2) if executable else file_mode
+
+
+def entry_with_mode(content: bytes | Digest, mode: int, file_mode: int) -> FileEntry:
+    """A FileEntry for a file that must have ``mode``: as a plain or executable file when ``--file-mode``
+    gives that mode anyway, so the same file always has the same entry (and the set the same version)."""
+    for executable in (False, True):
+        if default_mode(executable, file_mode) == mode:
+            return FileEntry(content, executable)
+    return FileEntry(content, mode=mode)
 
 
 class Files(Mapping[str, FileEntry]):
@@ -118,7 +143,9 @@ class Files(Mapping[str, FileEntry]):
 
     def __init__(self, files: Mapping[str, FileEntry]) -> None:
         self._items: dict[str, bytes | FileEntry] = {
-            path: entry.content if isinstance(entry.content, bytes) and not entry.executable else entry
+            path: entry.content
+            if isinstance(entry.content, bytes) and not entry.executable and entry.mode is None
+            else entry
             for path, entry in files.items()
         }
 
@@ -172,11 +199,13 @@ def digest(files: Mapping[str, FileEntry]) -> str:
         entry = files[path]
         content = entry.content
         encoded = path.encode("utf-8")
+        # 0 or 1 for a file with the default mode (as before modes of its own existed), 2 + mode otherwise.
+        kind = int(entry.executable) if entry.mode is None else 2 + entry.mode
         if isinstance(content, bytes):
-            h.update(b"%d:%s:%d:%d:" % (len(encoded), encoded, entry.executable, len(content)))
+            h.update(b"%d:%s:%d:%d:" % (len(encoded), encoded, kind, len(content)))
             h.update(content)
         else:
-            h.update(b"%d:%s:%d:%d#" % (len(encoded), encoded, entry.executable, content.size))
+            h.update(b"%d:%s:%d:%d#" % (len(encoded), encoded, kind, content.size))
             h.update(content.sha)
     return h.hexdigest()
 

@@ -37,9 +37,11 @@ from typing import Any, TypeVar
 import httpx
 
 from infantry import memory, spool, threads
+from infantry.assemble import Assembler
 from infantry.errors import (
     CheckFailed,
     ContentLost,
+    InfantryError,
     NotifyError,
     PublishError,
     SettingsError,
@@ -70,8 +72,9 @@ from infantry.publish import (
 )
 from infantry.retry import Backoff
 from infantry.settings import Settings, SourceSpec
-from infantry.snapshot import Part, Snapshot, merge
+from infantry.snapshot import Part, Snapshot
 from infantry.sources import Source, open_sources
+from infantry.templates import RenderError, TemplateSyntax
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +131,15 @@ class Watcher:
         metrics: Metrics | None = None,
         clock: Clock = time.monotonic,
         backoff: Backoff | None = None,
+        assembler: Assembler | None = None,
     ) -> None:
         self._settings = settings
         self._sources = list(sources)
+        # The value sources come first, then one source per template (read for its text).
+        self._assembler = assembler if assembler is not None else Assembler(settings)
+        self._values = len(self._sources) - len(self._assembler.templates)
+        self._assembled = False  # whether a set was ever assembled: a template that never compiled is fatal
+        self._render_error: str | None = None
         self._publisher = publisher
         self._hooks = list(hooks)
         self._gate = gate
@@ -342,11 +351,18 @@ class Watcher:
         self._step_generation = self._generation
         try:
             desired = self._merged()
+        except TemplateSyntax as exc:
+            if not self._assembled:
+                raise  # a template that never compiled is a settings error: watch cannot start
+            return self._not_assembled(exc, render_error=True)
         except SettingsError as exc:
             # Not a refusal of one version: no source can be followed until the clash is resolved.
             self._desired = None
             self._unsettled(str(exc))
             return str(exc)
+        except UnsafeDataError as exc:
+            # A template failed, waits for a key, or left nothing to publish: the last good set stays.
+            return self._not_assembled(exc, render_error=isinstance(exc, RenderError))
         target = desired
         refused = self._refusals.get(desired.version)
         if refused is not None:
@@ -362,14 +378,29 @@ class Watcher:
         return problem
 
     def _merged(self) -> Snapshot:
-        """The sources' latest sets as one; merged again only after one of them answered with a set."""
+        """The set to publish from the sources' latest answers: assembled again only after one of them
+        answered with a set (templates are rendered again only where their inputs changed)."""
         if self._desired is None:
-            self._desired = merge(
+            values = [
                 Part(spec.url, spec.dir, part)
-                for (spec, _), part in zip(self._sources, self._parts, strict=True)
+                for (spec, _), part in zip(self._sources[: self._values], self._parts[: self._values], strict=True)
                 if part is not None
-            )
+            ]
+            texts = [part for part in self._parts[self._values :] if part is not None]
+            self._desired = self._assembler.assemble(values, texts)
+            self._assembled, self._render_error = True, None
         return self._desired
+
+    def _not_assembled(self, exc: InfantryError, render_error: bool) -> str:
+        """The set could not be assembled (a render failed, a key is awaited): keep the last good set,
+        count and log the error once, and retry; /healthz follows --stale-after."""
+        problem = str(exc)
+        self._desired = None
+        if render_error and problem != self._render_error:
+            self.metrics.render_errors.labels(getattr(exc, "template", "") or "").inc()
+        self._render_error = problem
+        self._unsettled(problem)
+        return problem
 
     async def _converge(self, target: Snapshot, changed_at: float | None, gate: Gate | None) -> str | None:
         """Make the destination hold ``target`` and the app know of it; None once done, else why not."""
@@ -653,4 +684,4 @@ def build_watcher(settings: Settings, environ: Mapping[str, str]) -> Watcher:
         verifier = HttpVerifier(httpx.AsyncClient(trust_env=False), settings.verify_url, settings.verify_timeout)
     elif settings.verify_cmd:
         verifier = CommandVerifier(settings.verify_cmd, settings.verify_timeout, environ)
-    return Watcher(settings, sources, publisher, hooks, gate, verifier)
+    return Watcher(settings, sources, publisher, hooks, gate, verifier, assembler=Assembler(settings, environ))

@@ -79,7 +79,10 @@ def open_source(
 
 
 def open_sources(settings: Settings) -> list[tuple[SourceSpec, Source]]:
-    """Every configured source, opened; at least one is required."""
+    """Every configured source, opened: the value sources, then one per template (read for its text).
+
+    At least one value source is required.
+    """
     specs = settings.resolved_sources()
     if not specs:
         raise SettingsError("source: at least one source is required (--source or INFANTRY_SOURCE)")
@@ -88,5 +91,5 @@ def open_sources(settings: Settings) -> list[tuple[SourceSpec, Source]]:
             spec,
             open_source(spec, settings.limits, settings.interval, settings.watch_timeout, settings.request_timeout),
         )
-        for spec in specs
+        for spec in (*specs, *settings.template_sources())
     ]
