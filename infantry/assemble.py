@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from infantry.errors import SettingsError, UnsafeDataError
-from infantry.settings import Settings, TemplateSpec, redact_url
+from infantry.settings import Settings, TemplateSpec, redact_url, template_groups
 from infantry.snapshot import FileEntry, Part, Snapshot, entry_with_mode, find_file_dir_clash, merge, printable
 from infantry.templates import Renderer, Template
 
@@ -30,6 +30,8 @@ class Assembler:
 
     def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
         self.templates: list[TemplateSpec] = list(settings.template)
+        # The sources that read the templates' texts, and which of them (and which file) each reads.
+        self.groups, self._picks = template_groups(self.templates)
         self._raw = settings.raw_prefixes()
         self._file_mode = settings.file_mode
         self._renderer = Renderer(
@@ -50,9 +52,13 @@ class Assembler:
         merged = merge(values)
         if not self.templates:
             return merged if self._raw is None else self._publish_raw(merged, {})
+        if len(texts) != len(self.groups):
+            raise AssertionError(f"{len(texts)} template sources answered, for {len(self.groups)}")
         templates = [
-            Template(dest=spec.dest, src=redact_url(spec.src), text=_text(spec, text), missing=spec.missing)
-            for spec, text in zip(self.templates, texts, strict=True)
+            Template(
+                dest=spec.dest, src=redact_url(spec.src), text=_text(spec, texts[group], name), missing=spec.missing
+            )
+            for spec, (group, name) in zip(self.templates, self._picks, strict=True)
         ]
         output = self._renderer.render(merged.files, templates)
         self.rendered, self.skipped = output.rendered, output.skipped
@@ -90,8 +96,12 @@ class Assembler:
         return Snapshot.of(files)
 
 
-def _text(spec: TemplateSpec, snapshot: Snapshot) -> bytes:
-    """The template's text: the one file its source holds."""
+def _text(spec: TemplateSpec, snapshot: Snapshot, name: str | None) -> bytes:
+    """The template's text: the file ``name`` of the source it shares, or the one file its source holds."""
+    if name is not None:
+        if name not in snapshot.files:
+            raise UnsafeDataError(redact_url(spec.src), "the template is not there (no such file or key)")
+        return snapshot.files[name].data
     if len(snapshot.files) != 1:
         raise UnsafeDataError(
             redact_url(spec.src), f"a template source must hold one file, and this one holds {len(snapshot.files)}"

@@ -78,7 +78,7 @@ async def gather(
     ``--timeout`` runs out. Raises SourceError (with SourceTimeout when the time ran out) for a store
     that could not be read, and UnsafeDataError for one that answered with what cannot be published.
     """
-    values = len(sources) - len(assembler.templates)
+    values = len(sources) - len(assembler.groups)
     last_errors: dict[int, SourceError] = {}
     awaited: KeyAwaited | None = None
     try:

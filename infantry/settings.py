@@ -15,7 +15,8 @@ import shlex
 import shutil
 import signal as signal_module
 import stat
-from collections.abc import Collection, Mapping
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -554,9 +555,44 @@ class Settings(BaseSettings):
         return resolved
 
     def template_sources(self) -> list[SourceSpec]:
-        """One source per template, to read its text, with the top-level auth, TLS and headers."""
-        fake = self.model_copy(update={"source": [SourceSpec.model_validate({"url": t.src}) for t in self.template]})
+        """The sources that read the templates' texts (see :func:`template_groups`), with the top-level
+        auth, TLS and headers."""
+        urls, _ = template_groups(self.template)
+        fake = self.model_copy(update={"source": [SourceSpec.model_validate({"url": url}) for url in urls]})
         return fake.resolved_sources()
+
+
+def template_groups(templates: Sequence[TemplateSpec]) -> tuple[list[str], list[tuple[int, str | None]]]:
+    """The URLs of the sources that read the templates, and for each template: its source, and the name
+    of its file there (None: the source holds just that one file).
+
+    Templates that share a directory (``file://``) or a prefix (``etcd://``) are read through one source
+    of it: a thousand templates are one watch, not a thousand.
+    """
+    splits = [_template_parent(t.src) for t in templates]
+    shared = Counter(split[0] for split in splits if split is not None)
+    urls: list[str] = []
+    picks: list[tuple[int, str | None]] = []
+    for template, split in zip(templates, splits, strict=True):
+        url, name = split if split is not None and shared[split[0]] > 1 else (template.src, None)
+        if url not in urls:
+            urls.append(url)
+        picks.append((urls.index(url), name))
+    return urls, picks
+
+
+def _template_parent(url: str) -> tuple[str, str] | None:
+    """(the URL of the directory or prefix holding the template at ``url``, its name there), or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("file", "etcd", "etcds") or parts.path.endswith("/") or "/" not in parts.path:
+        return None
+    if parts.scheme == "file" and Path(parts.path).is_dir():
+        return None
+    parent, _, name = parts.path.rpartition("/")
+    if not name:
+        return None
+    parent += "/" if parts.scheme != "file" else ""
+    return urlunsplit((parts.scheme, parts.netloc, parent or "/", "", "")), name
 
 
 def _check_header(name: str, value: str) -> None:

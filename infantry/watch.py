@@ -135,9 +135,9 @@ class Watcher:
     ) -> None:
         self._settings = settings
         self._sources = list(sources)
-        # The value sources come first, then one source per template (read for its text).
+        # The value sources come first, then the sources that read the templates' texts.
         self._assembler = assembler if assembler is not None else Assembler(settings)
-        self._values = len(self._sources) - len(self._assembler.templates)
+        self._values = len(self._sources) - len(self._assembler.groups)
         self._assembled = False  # whether a set was ever assembled: a template that never compiled is fatal
         self._render_error: str | None = None
         self._publisher = publisher

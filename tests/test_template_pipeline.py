@@ -193,3 +193,19 @@ def test_templates_and_values_from_etcd(etcd: Etcd, tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert read_as_app(dest) == {"upstream.conf": "upstream web {\n    server 10.0.0.5:8080;\n}\n"}
+
+
+def test_templates_sharing_a_directory_are_read_through_one_source(
+    store: Path, tmp_path: Path, watches: list[Watch]
+) -> None:
+    many = tree(tmp_path / "many", {f"t{i:02d}.j2": f'{i} {{{{ key("app/port") }}}}\n' for i in range(40)})
+    dest = tmp_path / "D"
+    args = [arg for i in range(40) for arg in ("--template", f"{many / f't{i:02d}.j2'}:out/{i:02d}.conf")]
+    watch = Watch(tmp_path, ["--source", store.as_uri(), "--dest", str(dest), "--interval", "0.2", *args])
+    watches.append(watch)
+    watch.wait_ready()
+    assert read_as_app(dest)["out/07.conf"] == "7 8080\n"
+    status = json.loads(watch.get("/status")[1])
+    assert [s["name"] for s in status["sources"]] == [store.as_uri(), many.as_uri()]
+    (many / "t07.j2").write_text('seven {{ key("app/port") }}\n')
+    wait_until("the changed template", lambda: read_as_app(dest)["out/07.conf"] == "seven 8080\n")
