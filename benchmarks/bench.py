@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import json
 import os
 import platform
 import shutil
@@ -520,6 +521,84 @@ def scale(etcd: Etcd, work: Path, changes: int) -> tuple[list[Row], dict[str, fl
     return rows, {"scale_ms": big[0]}
 
 
+def templates(etcd: Etcd, work: Path, changes: int) -> tuple[list[Row], dict[str, float]]:
+    """A one-key change in 10,000 keys feeding 1,000 templates of about 10 keys each, beside the same
+    change with no templates (the keys published as files); and what rendering itself costs."""
+    prefix = "/tpl/"
+    for start in range(0, 10_000, 2000):
+        etcd.txn({f"{prefix}g{i // 10:04d}/k{i % 10}": f"value {i}" for i in range(start, start + 2000)})
+    etcd.put(prefix + "hot", "v-initial")
+    sources = work / "templates-src"
+    sources.mkdir()
+    texts = {f"t{g:04d}.j2": "".join(f'{{{{ key("g{g:04d}/k{k}") }}}}\n' for k in range(10)) for g in range(1, 1000)}
+    texts["t0000.j2"] = '{{ key("hot") }}'  # the file the app reads: the hot key's value, as it is
+    for name, text in texts.items():
+        (sources / name).write_text(text)
+    config = work / "templates.yaml"
+    config.write_text(
+        json.dumps({"templates": [{"src": (sources / n).as_uri(), "dest": n.replace(".j2", ".conf")} for n in texts]})
+    )
+    results: dict[str, tuple[float, float]] = {}
+    for label, args, read in (
+        ("templates", ["--config", str(config)], "t0000.conf"),
+        ("raw", [], "hot"),
+    ):
+        dest = work / f"templates-{label}"
+        app = Recorder(work / f"templates-app-{label}", dest / read)
+        port = free_port()
+        watch = spawn(
+            [*INFANTRY, "watch", "--source", etcd.url(prefix), "--dest", str(dest), *args, "--pid-file",
+             str(app.pid_file), "--wait", "0", "--log-level", "warning", "--listen", f"127.0.0.1:{port}"]
+        )  # fmt: skip
+        wait_for(f"the {label} watch to be ready", functools.partial(_ready, port), 120, 0.05)
+        latencies = []
+        with httpx.Client() as client:
+            for i in range(changes):
+                value = f"t{i:03d}"
+                started = time.time()
+                client.post(etcd.endpoint + "/v3/kv/put", json={"key": _b64(prefix + "hot"), "value": _b64(value)})
+                app.wait_for_value(value, 20)
+                latencies.append(1000 * (app.entries()[-1][0] - started))
+                time.sleep(0.05)
+        watch.terminate()
+        watch.wait()
+        app.stop()
+        results[label] = (statistics.median(latencies), max(latencies))
+    first, change = _render_cost(texts)
+    with_templates, raw = results["templates"], results["raw"]
+    rows = [
+        Row(f"One-key change, 10,000 keys into 1,000 templates: put to app signalled (ms, median of {changes})",
+            f"{with_templates[0]:.1f} (max {with_templates[1]:.1f})",
+            f"no templates: {raw[0]:.1f} (max {raw[1]:.1f})", "<= 100 ms", _yes(with_templates[0] <= 100)),
+        Row("Render cost per template (ms): whole set / after a one-key change",
+            f"{first / len(texts):.3f} / {change:.2f} for the change",
+            f"whole set of 1,000: {first:.0f} ms", "",
+            f"{100 * change / with_templates[0]:.0f}% of the change's median"),
+    ]  # fmt: skip
+    return rows, {"templates_ms": with_templates[0]}
+
+
+def _render_cost(texts: dict[str, str]) -> tuple[float, float]:
+    """Milliseconds to render every template once, and to render again after one key changed."""
+    from infantry.snapshot import FileEntry
+    from infantry.templates import Renderer, Template
+
+    values = {f"g{i // 10:04d}/k{i % 10}": FileEntry(f"value {i}".encode()) for i in range(10_000)}
+    values["hot"] = FileEntry(b"v0")
+    templates = [Template(name.replace(".j2", ".conf"), name, text.encode()) for name, text in texts.items()]
+    renderer = Renderer()
+    started = time.perf_counter()
+    renderer.render(values, templates)
+    first = 1000 * (time.perf_counter() - started)
+    changes = []
+    for i in range(20):
+        values = {**values, "hot": FileEntry(f"v{i + 1}".encode())}
+        started = time.perf_counter()
+        renderer.render(values, templates)
+        changes.append(1000 * (time.perf_counter() - started))
+    return first, statistics.median(changes)
+
+
 def _ready(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
@@ -573,7 +652,9 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=60)
     parser.add_argument("--runs", type=int, default=5, help="repeats of each cold start")
     parser.add_argument(
-        "--only", choices=("propagation", "install", "scale", "memory", "idle"), help="run one phase (for development)"
+        "--only",
+        choices=("propagation", "install", "scale", "templates", "memory", "idle"),
+        help="run one phase (for development)",
     )
     args = parser.parse_args()
     started = time.monotonic()
@@ -589,6 +670,7 @@ def main() -> int:
                 ("propagation", lambda: propagation(etcd, work, args.changes)),
                 ("install", lambda: install_cold_start(etcd, work, args.runs)),
                 ("scale", lambda: scale(etcd, work, 10)),
+                ("templates", lambda: templates(etcd, work, 20)),
                 ("memory", lambda: memory(etcd, nginx, work)),
                 ("idle", lambda: idle_and_poll(etcd, nginx, work, args.idle_seconds)),
             ]
