@@ -76,9 +76,12 @@ class Assembler:
 
     def _publish_raw(self, merged: Snapshot, rendered: dict[str, FileEntry]) -> Snapshot:
         files: dict[str, FileEntry] = {}
-        for path, entry in merged.files.items():
-            if self._raw is None or any(path == p or path.startswith(f"{p}/") for p in self._raw):
-                files[path] = entry
+        if self._raw is None:
+            files.update(merged.files)
+        elif self._raw:
+            for path, entry in merged.files.items():
+                if any(path == p or path.startswith(f"{p}/") for p in self._raw):
+                    files[path] = entry
         for dest, entry in rendered.items():
             if dest in files:
                 raise SettingsError(
