@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import require_binary, wait_until
+from tests.support import free_port, require_binary, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "templates"
@@ -87,12 +87,14 @@ def test_templates_follow_backends_in_etcd_and_keep_the_last_good_set(tmp_path: 
     one, two, nowhere = pod.address("one"), pod.address("two"), module.NOWHERE
     try:
         pod.start_store()
+        pod.configure(keepalive=8)  # the store keeps this when every backend has gone
         pod.register(one)
         result = pod.install()
         assert result.returncode == 0, result.stderr
         published = pod.published()
         assert set(published) == {"upstream.conf", "site.conf"}  # rendered files only: raw is none
         assert f"server {one};" in published["upstream.conf"] and two not in published["upstream.conf"]
+        assert "keepalive 8;" in published["upstream.conf"]
         assert f"listen 127.0.0.1:{pod.http_port};" in published["site.conf"]
         pod.start_nginx()
         pod.start_watch()
@@ -120,6 +122,17 @@ def test_templates_follow_backends_in_etcd_and_keep_the_last_good_set(tmp_path: 
         assert pod.nginx_pids()[1] == workers
         pod.deregister(nowhere)
         wait_until("/readyz once the store is good again", lambda: pod.probe("/readyz")[0] == 200)
+
+        # A key smuggling a server of its own into the upstream block: nginx -t would pass it, the template does not.
+        hostile = (
+            f"127.0.0.1:1;}}server{{listen 127.0.0.1:{free_port()};return 200 pwned;}}upstream x{{server 127.0.0.1:1"
+        )
+        pod.register(hostile)
+        wait_until("the template to refuse the key", lambda: "is not HOST:PORT" in pod.probe("/readyz")[1])
+        assert pod.published() == before and "pwned" not in pod.published()["upstream.conf"]
+        assert pod.nginx_pids()[1] == workers
+        pod.deregister(hostile)
+        wait_until("/readyz once the key is gone", lambda: pod.probe("/readyz")[0] == 200)
 
         # The first backend leaves: only the second answers.
         _, workers = pod.nginx_pids()

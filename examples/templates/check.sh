@@ -24,4 +24,10 @@ http {
     include "$staged/*.conf";
 }
 CONF
-nginx -t -q -p "$tmp" -e stderr -c "$tmp/nginx.conf"
+if nginx -t -q -p "$tmp" -e stderr -c "$tmp/nginx.conf" 2>"$tmp/stderr"; then
+    exit 0
+fi
+# nginx ends with "configuration file ... test failed"; infantry shows a check's last line of stderr, so
+# that line goes and nginx's reason (without its timestamp and pid) comes last.
+grep -v ' test failed$' "$tmp/stderr" | sed 's/^[0-9/]* [0-9:]* \[\([a-z]*\)\] [0-9#]*: /nginx: [\1] /' >&2
+exit 1

@@ -33,6 +33,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BACKENDS = "/services/web/"
 """Where backends register, one key each: ``/services/web/HOST:PORT``; the value is not read."""
+KEEPALIVE = "/services/nginx/keepalive"
+"""A setting of the upstream kept beside the backends: the store is not empty when the last backend goes."""
 NOWHERE = "127.0.0.1:99999"
 """A backend address the templates accept and nginx refuses (no such port): the check gate's case."""
 TEMPLATES = {"upstream.conf": "upstream.conf.j2", "site.conf": "site.conf.j2"}
@@ -126,6 +128,10 @@ class TemplatePod:
         """``etcdctl del --prefix /services/web/``: no backend left."""
         self._etcdctl("del", "--prefix", BACKENDS)
 
+    def configure(self, keepalive: int = 16) -> None:
+        """``etcdctl put /services/nginx/keepalive N``: the upstream's idle connections per worker."""
+        self._etcdctl("put", KEEPALIVE, str(keepalive))
+
     # -- the pod ---------------------------------------------------------------------------------
 
     def write_config(self) -> Path:
@@ -186,6 +192,7 @@ http {{
     def start(self) -> None:
         """The whole pod, with backend one registered: etcd, backends, install, nginx, watch."""
         self.start_store()
+        self.configure()
         self.register(self.address("one"))
         result = self.install()
         if result.returncode != 0:
@@ -277,6 +284,8 @@ def main() -> int:
         try:
             say(f"starting etcd, backend one ({pod.address('one')}) and backend two ({pod.address('two')}) in {tmp}")
             pod.start_store()
+            say(f"etcdctl put {KEEPALIVE} 16")
+            pod.configure(16)
             say(f"etcdctl put {BACKENDS}{pod.address('one')} up")
             pod.register(pod.address("one"))
             say(f"infantry install --config {pod.config}")
@@ -326,8 +335,10 @@ def main() -> int:
             show_answers()
 
             say(f"etcdctl put {BACKENDS}{pod.address('one')} up")
+            _, workers = pod.nginx_pids()
             pod.register(pod.address("one"))
             wait_for("backend one to answer again", lambda: pod.serves({"one"}))
+            wait_for("nginx's old workers to finish", lambda: pod.reloaded(workers))
             wait_for("infantry to be ready again", lambda: pod.probe("/readyz")[0] == 200)
             show_answers()
             say(f"/readyz: {' '.join(map(str, pod.probe('/readyz'))).strip()}")
