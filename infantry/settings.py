@@ -20,7 +20,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -574,7 +574,9 @@ def template_groups(templates: Sequence[TemplateSpec]) -> tuple[list[str], list[
     urls: list[str] = []
     picks: list[tuple[int, str | None]] = []
     for template, split in zip(templates, splits, strict=True):
-        url, name = split if split is not None and shared[split[0]] > 1 else (template.src, None)
+        # An etcd URL names a prefix, so a template key is always read through its parent's prefix.
+        alone = split is not None and shared[split[0]] == 1 and urlsplit(template.src).scheme == "file"
+        url, name = split if split is not None and not alone else (template.src, None)
         if url not in urls:
             urls.append(url)
         picks.append((urls.index(url), name))
@@ -586,9 +588,10 @@ def _template_parent(url: str) -> tuple[str, str] | None:
     parts = urlsplit(url)
     if parts.scheme not in ("file", "etcd", "etcds") or parts.path.endswith("/") or "/" not in parts.path:
         return None
-    if parts.scheme == "file" and Path(parts.path).is_dir():
+    if parts.scheme == "file" and Path(unquote(parts.path)).is_dir():
         return None
     parent, _, name = parts.path.rpartition("/")
+    name = unquote(name)
     if not name:
         return None
     parent += "/" if parts.scheme != "file" else ""

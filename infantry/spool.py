@@ -145,6 +145,9 @@ class Spool:
         self._lock = threading.Lock()
         self._names = itertools.count()
         self._made: str | None = None
+        # Only the process that made the spool removes from it: a forked child (a template render) that
+        # drops a Blob, or exits, must not take files the parent still holds.
+        self._owner = os.getpid()
 
     @property
     def where(self) -> str:
@@ -208,7 +211,7 @@ class Spool:
     def discard(self, name: str) -> None:
         """Remove a spool file; it may be gone already."""
         fd = self._fd
-        if fd is not None:
+        if fd is not None and os.getpid() == self._owner:
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=fd)
 
@@ -223,7 +226,10 @@ class Spool:
             return writer.finish()
 
     def close(self) -> None:
-        """Remove the spool and everything in it."""
+        """Remove the spool and everything in it (in the process that made it; elsewhere, only let go)."""
+        if os.getpid() != self._owner:
+            self._fd = None
+            return
         with self._lock:
             fd, self._fd = self._fd, None
             if fd is not None:
@@ -264,6 +270,14 @@ def use(directory: Path | None) -> Spool:
         with contextlib.suppress(OSError):
             remove(directory)  # what a killed process left there belongs to nobody now
     return _current
+
+
+def _after_fork_in_child() -> None:
+    # Another thread may have held the lock when the process forked: the child's copy would stay locked.
+    _current._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

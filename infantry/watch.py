@@ -139,7 +139,7 @@ class Watcher:
         self._assembler = assembler if assembler is not None else Assembler(settings)
         self._values = len(self._sources) - len(self._assembler.groups)
         self._assembled = False  # whether a set was ever assembled: a template that never compiled is fatal
-        self._render_error: str | None = None
+        self._render_error: tuple[str, str] | None = None  # the template and kind of the last render error
         self._publisher = publisher
         self._hooks = list(hooks)
         self._gate = gate
@@ -350,10 +350,11 @@ class Watcher:
         changed_at, self._changed_at = self._changed_at, None
         self._step_generation = self._generation
         try:
-            desired = self._merged()
+            desired = await self._merged()
         except TemplateSyntax as exc:
-            if not self._assembled:
-                raise  # a template that never compiled is a settings error: watch cannot start
+            if not self._assembled and self._live is None:
+                raise  # nothing good to keep, and a template that never compiled: watch cannot start
+            # A set is live (a restart with a broken template in the store): keep it, as when running.
             return self._not_assembled(exc, render_error=True)
         except SettingsError as exc:
             # Not a refusal of one version: no source can be followed until the clash is resolved.
@@ -377,28 +378,39 @@ class Watcher:
         self._unsettled(problem)
         return problem
 
-    def _merged(self) -> Snapshot:
+    async def _merged(self) -> Snapshot:
         """The set to publish from the sources' latest answers: assembled again only after one of them
-        answered with a set (templates are rendered again only where their inputs changed)."""
-        if self._desired is None:
-            values = [
-                Part(spec.url, spec.dir, part)
-                for (spec, _), part in zip(self._sources[: self._values], self._parts[: self._values], strict=True)
-                if part is not None
-            ]
-            texts = [part for part in self._parts[self._values :] if part is not None]
-            self._desired = self._assembler.assemble(values, texts)
-            self._assembled, self._render_error = True, None
-        return self._desired
+        answered with a set (templates are rendered again only where their inputs changed).
+
+        Assembling runs in a thread, since renders may take seconds and the loop must go on answering
+        health probes; the sources' answers are taken first, and a result that a newer answer made out
+        of date while it was made is used for this step but not kept.
+        """
+        if self._desired is not None:
+            return self._desired
+        values = [
+            Part(spec.url, spec.dir, part)
+            for (spec, _), part in zip(self._sources[: self._values], self._parts[: self._values], strict=True)
+            if part is not None
+        ]
+        texts = [part for part in self._parts[self._values :] if part is not None]
+        generation = self._generation
+        desired = await threads.run(self._assembler.assemble, values, texts)
+        if self._generation == generation:
+            self._desired = desired
+        self._assembled, self._render_error = True, None
+        return desired
 
     def _not_assembled(self, exc: InfantryError, render_error: bool) -> str:
         """The set could not be assembled (a render failed, a key is awaited): keep the last good set,
         count and log the error once, and retry; /healthz follows --stale-after."""
         problem = str(exc)
         self._desired = None
-        if render_error and problem != self._render_error:
-            self.metrics.render_errors.labels(getattr(exc, "template", "") or "").inc()
-        self._render_error = problem
+        # Counted once per template and kind of error, however its message varies from try to try.
+        kind = (getattr(exc, "template", "") or "", type(exc).__name__)
+        if render_error and kind != self._render_error:
+            self.metrics.render_errors.labels(kind[0]).inc()
+        self._render_error = kind
         self._unsettled(problem)
         return problem
 

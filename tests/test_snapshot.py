@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from infantry import spool
 from infantry.errors import SettingsError, UnsafeDataError
 from infantry.snapshot import (
     FileEntry,
@@ -171,3 +172,29 @@ def test_a_spool_left_by_a_killed_process_is_removed_at_start(tmp_path: Path) ->
         assert not left.exists()
     finally:
         spool.use(None)
+
+
+def test_a_forked_child_never_removes_what_the_parent_spooled(tmp_path: Path) -> None:
+    """A template render runs in a forked child: the Blobs it drops and the spool it closes at exit
+    stay the parent's."""
+    pool = spool.Spool(tmp_path / "spool")
+    blob = pool.store(b"x" * 1000)
+    name = blob._name
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop the blob, close the spool, report, and leave without cleanup
+        try:
+            os.close(read)
+            pool.discard(name)
+            pool.close()
+            os.write(write, b"done")
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 4) == b"done"
+    os.close(read)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert blob.read() == b"x" * 1000
+    assert (tmp_path / "spool" / name).exists()
+    pool.close()
+    assert not (tmp_path / "spool").exists()

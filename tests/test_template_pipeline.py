@@ -209,3 +209,51 @@ def test_templates_sharing_a_directory_are_read_through_one_source(
     assert [s["name"] for s in status["sources"]] == [store.as_uri(), many.as_uri()]
     (many / "t07.j2").write_text('seven {{ key("app/port") }}\n')
     wait_until("the changed template", lambda: read_as_app(dest)["out/07.conf"] == "seven 8080\n")
+
+
+def test_templates_in_a_directory_with_a_space_in_its_name(store: Path, tmp_path: Path) -> None:
+    spaced = tree(tmp_path / "sp ace", {"o ne.j2": "one {{ key('app/port') }}", "t wo.j2": "two"})
+    result = infantry("install", "--source", store.as_uri(), "--dest", str(tmp_path / "D"),
+                      "--template", f"{spaced / 'o ne.j2'}:one", "--template", f"{spaced / 't wo.j2'}:two")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert read_as_app(tmp_path / "D") == {"one": "one 8080", "two": "two"}
+
+
+def test_an_etcd_template_named_by_its_key(etcd: Etcd, tmp_path: Path) -> None:
+    etcd.put("/values/app/port", "8080")
+    etcd.put("/one/t.j2", "port {{ key('app/port') }}")
+    args = [
+        "--source",
+        etcd.url("/values/"),
+        "--dest",
+        str(tmp_path / "D"),
+        "--template",
+        f"{etcd.url('/one/t.j2')}:o.conf",
+    ]
+    result = infantry("install", *args)
+    assert result.returncode == 0, result.stderr
+    assert read_as_app(tmp_path / "D") == {"o.conf": "port 8080"}
+    # A key under the template's key, as if it were a prefix, is never read as the template.
+    etcd.put("/one/t.j2/x", "not the template {{ fail('read') }}")
+    result = infantry("install", *args)
+    assert result.returncode == 5 and "'t.j2' is both a file and a directory" in result.stderr, result.stderr
+
+
+def test_a_restart_with_a_broken_template_keeps_the_live_set(
+    store: Path, templates: Path, tmp_path: Path, watches: list[Watch]
+) -> None:
+    """A template that does not compile stops `watch` from starting only when there is nothing to keep:
+    a restart with a broken template in the store keeps the live set and says why, not a crash loop."""
+    dest = tmp_path / "D"
+    spec = f"{templates / 'port.j2'}:port.conf"
+    assert infantry("install", "--source", store.as_uri(), "--dest", str(dest), "--template", spec).returncode == 0
+    (templates / "port.j2").write_text("{% if %}\n")
+    watch = Watch(tmp_path, ["--source", store.as_uri(), "--dest", str(dest), "--template", spec,
+                             "--stale-after", "2"])  # fmt: skip
+    watches.append(watch)
+    wait_until("/readyz to name the broken template", lambda: "template port.conf" in watch.get("/readyz")[1])
+    assert watch.proc.poll() is None
+    wait_until("/healthz to fail after --stale-after", lambda: watch.get("/healthz")[0] == 503)
+    assert read_as_app(dest) == {"port.conf": "listen 8080;\n"}
+    (templates / "port.j2").write_text("listen {{ key('app/port') }} again;\n")
+    wait_until("the fixed template", lambda: read_as_app(dest) == {"port.conf": "listen 8080 again;\n"})
