@@ -9,12 +9,28 @@ new and others old. With no template, the set is the values, as it always was.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from infantry.errors import SettingsError, UnsafeDataError
 from infantry.settings import Settings, TemplateSpec, redact_url, template_groups
 from infantry.snapshot import FileEntry, Part, Snapshot, entry_with_mode, find_file_dir_clash, merge, printable
-from infantry.templates import Renderer, Template
+
+if TYPE_CHECKING:
+    from infantry.templates import Renderer
+
+
+def is_template_syntax(error: BaseException) -> bool:
+    """Whether ``error`` is a template that does not compile (without loading Jinja2 to ask)."""
+    templates = sys.modules.get("infantry.templates")
+    return templates is not None and isinstance(error, templates.TemplateSyntax)
+
+
+def is_render_error(error: BaseException) -> bool:
+    """Whether ``error`` is a template that failed to render (without loading Jinja2 to ask)."""
+    templates = sys.modules.get("infantry.templates")
+    return templates is not None and isinstance(error, templates.RenderError)
 
 
 class KeyAwaited(UnsafeDataError):
@@ -34,12 +50,16 @@ class Assembler:
         self.groups, self._picks = template_groups(self.templates)
         self._raw = settings.raw_prefixes()
         self._file_mode = settings.file_mode
-        self._renderer = Renderer(
-            env_names=settings.template_env,
-            environ=os.environ if environ is None else environ,
-            max_output=int(settings.max_file_size),
-            timeout=settings.render_timeout,
-        )
+        self._renderer: Renderer | None = None
+        if self.templates:  # Jinja2 is loaded only when there is a template: watch stays small without
+            from infantry.templates import Renderer
+
+            self._renderer = Renderer(
+                env_names=settings.template_env,
+                environ=os.environ if environ is None else environ,
+                max_output=int(settings.max_file_size),
+                timeout=settings.render_timeout,
+            )
         self.rendered: list[str] = []  # the templates the last assemble() rendered (the others were reused)
         self.skipped: dict[str, str] = {}  # the templates left out by the last assemble(), and why
 
@@ -50,8 +70,10 @@ class Assembler:
         or SettingsError (sources, or a template and a value, claim the same path).
         """
         merged = merge(values)
-        if not self.templates:
+        if self._renderer is None:
             return merged if self._raw is None else self._publish_raw(merged, {})
+        from infantry.templates import Template
+
         if len(texts) != len(self.groups):
             raise AssertionError(f"{len(texts)} template sources answered, for {len(self.groups)}")
         templates = [

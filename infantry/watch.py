@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import httpx
 
 from infantry import memory, spool, threads
-from infantry.assemble import Assembler
+from infantry.assemble import Assembler, is_render_error, is_template_syntax
 from infantry.errors import (
     CheckFailed,
     ContentLost,
@@ -74,7 +74,6 @@ from infantry.retry import Backoff
 from infantry.settings import Settings, SourceSpec
 from infantry.snapshot import Part, Snapshot
 from infantry.sources import Source, open_sources
-from infantry.templates import RenderError, TemplateSyntax
 
 logger = logging.getLogger(__name__)
 
@@ -351,19 +350,19 @@ class Watcher:
         self._step_generation = self._generation
         try:
             desired = await self._merged()
-        except TemplateSyntax as exc:
-            if not self._assembled and self._live is None:
-                raise  # nothing good to keep, and a template that never compiled: watch cannot start
-            # A set is live (a restart with a broken template in the store): keep it, as when running.
-            return self._not_assembled(exc, render_error=True)
         except SettingsError as exc:
+            if is_template_syntax(exc):
+                if not self._assembled and self._live is None:
+                    raise  # nothing good to keep, and a template that never compiled: watch cannot start
+                # A set is live (a restart with a broken template in the store): keep it, as when running.
+                return self._not_assembled(exc, render_error=True)
             # Not a refusal of one version: no source can be followed until the clash is resolved.
             self._desired = None
             self._unsettled(str(exc))
             return str(exc)
         except UnsafeDataError as exc:
             # A template failed, waits for a key, or left nothing to publish: the last good set stays.
-            return self._not_assembled(exc, render_error=isinstance(exc, RenderError))
+            return self._not_assembled(exc, render_error=is_render_error(exc))
         target = desired
         refused = self._refusals.get(desired.version)
         if refused is not None:
