@@ -17,13 +17,19 @@ Each names the template, where its text came from, and the template line when it
 
 Bounds. A template may come from the store, so it is treated as hostile:
 
-- it runs in Jinja's immutable sandbox (no ``_`` attributes, no mutation of lists and dicts);
+- it compiles in this process, as one file (no include, import or extends), and renders in a forked
+  child, so that what no in-process bound can hold (memory built by one C call, one C call that runs
+  for hours holding the GIL) costs the child, never the caller;
+- the child may allocate ``memory`` bytes beyond what it inherits (RLIMIT_AS), and past it a render
+  fails with "used more than N MiB"; the kernel's OOM killer picks it first if the pod runs short;
 - it runs for at most ``timeout`` seconds, checked by a trace function on every call and every
-  template line;
+  template line; the parent kills the child a second after that, whatever it is doing;
+- it runs in Jinja's immutable sandbox (no ``_`` attributes, no mutation of lists and dicts);
 - its output stops at ``max_output`` bytes;
 - no single value it builds may pass ``max_output`` bytes (about: an item of a list counts 8 bytes):
   ``*``, ``**``, ``%``, ``+``, ``~``, the growing string methods and filters are estimated before
-  they run, so a memory bomb is refused before it allocates.
+  they run, so the common memory bombs are refused with a clear message before they allocate;
+- no message quotes a value it read, or an env() value, in any form (see _Scope.redact).
 
 Only what changed is rendered again: the Renderer remembers what each template read (keys, and the
 listings of prefixes) and reuses the output while those inputs are unchanged.
@@ -34,10 +40,17 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import contextlib
 import hashlib
+import io
 import json
 import os
+import pickle
 import re
+import resource
+import select
+import signal
+import struct
 import sys
 import time
 import tomllib
@@ -111,6 +124,7 @@ class RenderError(UnsafeDataError):
         source = f"template {template.dest} ({template.src})"
         super().__init__(source if line is None else f"{source} line {line}", what)
         self.source = source
+        self.what = what
         self.template = template.dest
         self.line = line
         self.key = key
@@ -368,13 +382,34 @@ def _tree_digest(values: Mapping[str, FileEntry], paths: list[str]) -> str:
     return digest({path: values[path] for path in paths})
 
 
+_REDACTED = "<a value>"
+_QUOTED = re.compile(r"""(['"])(.*?)\1""")
+
+
+def _forms(text: str) -> set[str]:
+    """The forms in which a message may quote ``text``: as it is, escaped, and each line of it."""
+    forms = {text, repr(text)[1:-1], json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1]}
+    forms.add(text.encode("unicode_escape").decode("ascii"))
+    lines = text.splitlines()
+    if len(lines) > 1:
+        for line in lines:
+            forms.update((line, line.strip(), repr(line)[1:-1]))
+    return {form for form in forms if len(form) >= _MIN_REDACTED}
+
+
 class _Scope:
     """What one render of one template may read, and the record of what it read."""
 
     def __init__(
-        self, values: Mapping[str, FileEntry], index: _Index, env_names: frozenset[str], environ: Mapping[str, str]
+        self,
+        values: Mapping[str, FileEntry],
+        index: _Index,
+        env_names: frozenset[str],
+        environ: Mapping[str, str],
+        source: str = "",
     ) -> None:
         self._values = values
+        self._source = source  # the template's text, which a message may quote
         self._index = index
         self._env_names = env_names
         self._environ = environ
@@ -411,12 +446,25 @@ class _Scope:
         return data
 
     def redact(self, message: str) -> str:
-        """``message`` without the values this render read: an exception's text may quote one."""
-        for value in (*self._data.values(), *(v.encode() for v in self._used_env)):
-            text = value.decode("utf-8", "replace")
-            if len(text) >= _MIN_REDACTED and text in message:
-                message = message.replace(text, "<a value>")
-        return message
+        """``message`` without the values this render read nor the env() values it used, in any form.
+
+        A message may quote the template's own text; an exception's text, or a refusal naming a key
+        built from a value, may quote a value: raw, escaped by repr() or JSON, one line of it, or a
+        piece of it in quotes. Each of those becomes ``<a value>``.
+        """
+        secrets = [data.decode("utf-8", "replace") for data in self._data.values()] + self._used_env
+        forms = sorted({form for text in secrets for form in _forms(text)}, key=len, reverse=True)
+        for form in forms:
+            if form in message:
+                message = message.replace(form, _REDACTED)
+
+        def quoted(match: re.Match[str]) -> str:
+            inner = match.group(2)
+            if len(inner) < _MIN_REDACTED or inner in self._source or not any(inner in form for form in forms):
+                return match.group(0)
+            return f"{match.group(1)}{_REDACTED}{match.group(1)}"
+
+        return _QUOTED.sub(quoted, message) if forms else message
 
     @staticmethod
     def _text(path: str, data: bytes) -> str:
@@ -514,11 +562,35 @@ def _loaded(value: object, filter_name: str) -> str:
     return value
 
 
+# What a decoder's message may keep of a quoted part: a parser's token (<block end>), or the punctuation it
+# expected (',' in "expected ',' or ']'"). Anything else quoted may be the value's text, and is dropped.
+_TOKEN = re.compile(r"<[a-z ]+>")
+
+
+def _problem(message: str) -> str:
+    """A decoder's ``message`` reduced to what kind of problem it is, never quoting the value's text."""
+    message = message.split(": ", 1)[0]
+
+    def keep(match: re.Match[str]) -> str:
+        inner = match.group(2)
+        before = message[: match.start()].rstrip().lower()
+        if _TOKEN.fullmatch(inner) or (
+            len(inner) == 1 and not inner.isalnum() and before.endswith(("expected", "expecting", " or"))
+        ):
+            return match.group(0)
+        return ""
+
+    kept = " ".join(_QUOTED.sub(keep, message).split())
+    return kept.removesuffix(" starting at").removesuffix(" at")
+
+
 def _fromjson(value: object) -> Any:
     try:
         return json.loads(_loaded(value, "fromjson"))
-    except json.JSONDecodeError as exc:  # the message names a position, never the content
-        raise _Refused(f"fromjson: not valid JSON: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise _Refused(
+            f"fromjson: not valid JSON at line {exc.lineno} column {exc.colno}: {_problem(exc.msg)}"
+        ) from None
 
 
 def _fromyaml(value: object) -> Any:
@@ -527,16 +599,23 @@ def _fromyaml(value: object) -> Any:
     except yaml.MarkedYAMLError as exc:  # its str() quotes the document: say where, not what
         mark = exc.problem_mark
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        raise _Refused(f"fromyaml: not valid YAML{where}: {exc.problem}") from None
+        problem = _problem(exc.problem or "")
+        raise _Refused(f"fromyaml: not valid YAML{where}" + (f": {problem}" if problem else "")) from None
     except yaml.YAMLError:
         raise _Refused("fromyaml: not valid YAML") from None
+
+
+_TOML_WHERE = re.compile(r"\s*\((at line \d+, column \d+|at end of document)\)$")
 
 
 def _fromtoml(value: object) -> Any:
     try:
         return tomllib.loads(_loaded(value, "fromtoml"))
-    except tomllib.TOMLDecodeError as exc:  # the message names a position, never the content
-        raise _Refused(f"fromtoml: not valid TOML: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        found = _TOML_WHERE.search(message)
+        where = f" {found.group(1)}" if found else ""
+        raise _Refused(f"fromtoml: not valid TOML{where}: {_problem(_TOML_WHERE.sub('', message))}") from None
 
 
 def _b64decode(value: object) -> str:
@@ -546,8 +625,8 @@ def _b64decode(value: object) -> str:
         raise _Refused(f"b64decode takes text or bytes, not {type(value).__name__}")
     try:
         decoded = base64.b64decode(b"".join(value.split()), validate=True)
-    except binascii.Error:
-        raise _Refused("b64decode: not valid base64") from None
+    except binascii.Error as exc:  # its messages name a count or a kind of padding, never the content
+        raise _Refused(f"b64decode: not valid base64 ({_problem(str(exc))})") from None
     try:
         return decoded.decode("utf-8")
     except UnicodeDecodeError:
@@ -825,12 +904,46 @@ class _Memo:
         return all(_tree_digest(values, index.under(prefix)) == tree for prefix, tree in self.trees.items())
 
 
+# What a render in a child process sends back, one frame per template: a length, then a pickle of
+# ("file" | "skip" | "wait", data, why, read_paths, present, names, trees) or ("error", kind, what, line, key).
+_LENGTH = struct.Struct("!Q")
+_MiB = 1024 * 1024
+# The parent waits this much longer than the render timeout for a frame: the child's own clock gives the
+# cleaner message (and the line), the parent's only catches what the clock cannot stop (one long C call).
+_GRACE = 1.0
+_OUTCOMES: dict[str, Literal["file", "skip", "wait"]] = {"file": "file", "skip": "skip", "wait": "wait"}
+_Result = tuple[str, bytes, str, list[str], dict[str, bool], dict[str, str], dict[str, str]]
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads a child's frame: plain data only (tuples, lists, dicts, str, bytes, numbers), never a class."""
+
+    def find_class(self, module: str, name: str) -> NoReturn:
+        raise pickle.UnpicklingError("a render frame holds plain data only")
+
+
+def _virtual_size() -> int:
+    """This process's virtual memory size in bytes (VmSize), which RLIMIT_AS bounds."""
+    with open("/proc/self/statm", "rb") as statm:  # cheaper to read than /proc/self/status
+        return int(statm.read().split()[0]) * resource.getpagesize()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class Renderer:
     """Renders templates over a set of values, again only those whose inputs changed.
 
-    Not safe to call concurrently: one render at a time, on any one thread (the time limit traces the
-    calling thread only while a render runs). It keeps no reference to a set once a render returns,
-    so the spool files of a set's values go when the set does.
+    Each :meth:`render` that has something to render forks one child process, which renders those
+    templates within hard limits (a memory budget, and a kill once its time is up) and sends back
+    what each produced and read; the parent only decides what to render and keeps the results. So no
+    template can hold the caller's memory or its GIL, whatever C call it makes.
+
+    Not safe to call concurrently: one render at a time. It keeps no reference to a set once a render
+    returns, so the spool files of a set's values go when the set does.
     """
 
     def __init__(
@@ -840,7 +953,13 @@ class Renderer:
         environ: Mapping[str, str] | None = None,
         max_output: int = 8 * 1024 * 1024,
         timeout: float = 5.0,
+        memory: int | None = None,
+        isolate: bool = True,
     ) -> None:
+        """``memory`` is what a render's child may allocate beyond what it inherits (by default the larger
+        of 256 MiB and 8 x ``max_output``); ``isolate=False`` renders in this process, without that bound
+        nor the kill (for comparisons only).
+        """
         self._env_names = frozenset(env_names)
         if environ is None:
             environ = os.environ
@@ -848,6 +967,8 @@ class Renderer:
         self._environ = {name: environ[name] for name in self._env_names if name in environ}
         self._max_output = max_output
         self._timeout = timeout
+        self._memory = max(256 * _MiB, 8 * max_output) if memory is None else memory
+        self._isolate = isolate
         self._env = _Sandbox(max_output)
         self._compiled: dict[bytes, Compiled] = {}
         self._memos: dict[str, _Memo] = {}
@@ -865,8 +986,17 @@ class Renderer:
             source = template.text.decode("utf-8")
         except UnicodeDecodeError:
             raise TemplateSyntax(f"{where}: the template is not UTF-8 text", template=template.dest) from None
+        filename = f"<template {template.dest}>"
         try:
-            code = self._env.compile(source, name=template.dest, filename=f"<template {template.dest}>")
+            tree = self._env.parse(source, name=template.dest, filename=filename)
+            for node in tree.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
+                tag = _ONE_FILE_TAGS[type(node)]
+                raise TemplateSyntax(
+                    f"{where} line {node.lineno}: templates are one file each; {{% {tag} %}} is not available",
+                    template=template.dest,
+                    line=node.lineno,
+                )
+            code = self._env.compile(tree, name=template.dest, filename=filename)
         except TemplateSyntaxError as exc:
             raise TemplateSyntax(
                 f"{where} line {exc.lineno}: {exc.message}", template=template.dest, line=exc.lineno
@@ -883,12 +1013,15 @@ class Renderer:
         Raises RenderError for the first template that fails (a missing key fails only templates
         whose mode is ``error``), and TemplateSyntax for one that does not compile.
         """
+        # (1) Which templates must render: those new, changed, or whose inputs changed. Each is compiled
+        #     here, so a syntax error is raised before anything renders, and a child inherits the code.
         index = _Index(values)  # one per call: every prefix query of every template shares it
-        output = Output()
-        memos: dict[str, _Memo] = {}
+        todo: list[Template] = []
+        dests: set[str] = set()
         for template in templates:
-            if template.dest in memos:
+            if template.dest in dests:
                 raise SettingsError(f"two templates write {template.dest}")
+            dests.add(template.dest)
             memo = self._memos.get(template.dest)
             if (
                 memo is None
@@ -896,26 +1029,184 @@ class Renderer:
                 or memo.missing != template.missing
                 or not memo.still_valid(values, index)
             ):
-                memo = self._render_one(template, values, index)
-                output.rendered.append(template.dest)
-            memos[template.dest] = memo
-            self._memos[template.dest] = memo  # kept even if a later template fails
+                self._compile(template)
+                todo.append(template)
+        # (2) Render them, in a child unless told not to; each result is kept as it comes, even if a
+        #     later template fails.
+        if todo:
+            if self._isolate:
+                self._render_in_child(todo, values, index)
+            else:
+                for template in todo:
+                    self._keep(template, values, self._render_one(template, values, index))
+        # (3) The output, in the templates' order; forget templates that are gone, and compiled texts no
+        #     template uses any more.
+        output = Output(rendered=[template.dest for template in todo])
+        memos: dict[str, _Memo] = {}
+        for template in templates:
+            memo = memos[template.dest] = self._memos[template.dest]
             if memo.outcome == "file":
                 output.files[template.dest] = memo.data
             elif memo.outcome == "skip":
                 output.skipped[template.dest] = memo.why
             else:
                 output.waiting[template.dest] = memo.why
-        # Forget templates that are gone, and compiled texts no template uses any more.
         self._memos = memos
         texts = {template.text for template in templates}
         self._compiled = {text: compiled for text, compiled in self._compiled.items() if text in texts}
         return output
 
-    def _render_one(self, template: Template, values: Mapping[str, FileEntry], index: _Index) -> _Memo:
-        """Render one template, within its time and size limits, recording what it read."""
+    def _keep(self, template: Template, values: Mapping[str, FileEntry], result: _Result) -> None:
+        """Remember one template's render; the entries it read are looked up here, in the same values."""
+        outcome, data, why, read_paths, present, names, trees = result
+        entries = [_held(values.get(path)) for path in read_paths]
+        self._memos[template.dest] = _Memo(
+            template.text, template.missing, read_paths, entries, present, names, trees, _OUTCOMES[outcome], data, why
+        )
+
+    def _render_in_child(self, todo: list[Template], values: Mapping[str, FileEntry], index: _Index) -> None:
+        """Render ``todo`` in a forked child, keeping each result as its frame arrives.
+
+        (1) fork; the child renders each template in turn and writes one frame after each (see _child);
+        (2) the parent reads each frame within the render timeout and a grace second, the GIL released
+            while it waits;
+        (3) a frame that is late, or a child that ends early, fails the template it was on;
+        (4) whatever happens, even an interrupt of the parent, the child is killed and reaped.
+        """
+        read_fd, write_fd = os.pipe()
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
+        if pid == 0:  # pragma: no cover (the child's coverage is not collected: it never returns)
+            self._child(todo, values, index, read_fd, write_fd)
+        os.close(write_fd)
+        reaped = False
+        try:
+            pending = bytearray()
+            for template in todo:
+                frame = self._next_frame(read_fd, pending, template)
+                if frame is None:  # the child ended before sending it
+                    reaped = True
+                    raise RenderError(template, self._ended(pid))
+                self._take(template, values, frame)
+        finally:
+            os.close(read_fd)
+            if not reaped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):  # a PID 1 reaper may have reaped it already
+                    os.waitpid(pid, 0)
+
+    def _next_frame(self, fd: int, pending: bytearray, template: Template) -> bytes | None:
+        """The next frame from the child, None at the end of the pipe; RenderError once the time is up."""
+        deadline = time.monotonic() + self._timeout + _GRACE
+        limit = self._memory + 2 * self._max_output
+        while True:
+            if len(pending) >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(pending)
+                if length > limit:
+                    raise RenderError(template, f"the render sent a result of {length} bytes, over {limit}")
+                end = _LENGTH.size + length
+                if len(pending) >= end:
+                    frame = bytes(pending[_LENGTH.size : end])
+                    del pending[:end]
+                    return frame
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise RenderError(template, f"took longer than {self._timeout:g}s")
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return None
+            pending += chunk
+
+    def _ended(self, pid: int) -> str:
+        """Why the child ended without a result, from its status; it is reaped."""
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return "the render ended without a result"
+        if os.WIFSIGNALED(status):
+            number = os.WTERMSIG(status)
+            if number in (signal.SIGKILL, signal.SIGSEGV):
+                return f"the render ended by signal {number} (over the memory budget of {self._memory // _MiB} MiB?)"
+            return f"the render ended by signal {number}"
+        return f"the render ended without a result (exit status {os.waitstatus_to_exitcode(status)})"
+
+    def _take(self, template: Template, values: Mapping[str, FileEntry], frame: bytes) -> None:
+        """Keep the result in one frame, or raise the error it holds."""
+        try:
+            body = _PlainUnpickler(io.BytesIO(frame)).load()
+            if body[0] == "error":
+                _, kind, what, line, key = body
+                error = MissingKey if kind == "missing" else RenderError
+                failure = error(template, str(what), line if isinstance(line, int) else None, key)
+            else:
+                self._keep(template, values, body)
+                return
+        except (pickle.UnpicklingError, EOFError, TypeError, ValueError, IndexError, KeyError, AttributeError):
+            raise RenderError(template, "the render sent a result that cannot be read") from None
+        raise failure
+
+    def _child(
+        self, todo: list[Template], values: Mapping[str, FileEntry], index: _Index, read_fd: int, write_fd: int
+    ) -> NoReturn:
+        """The forked child: render ``todo`` within the memory budget, one frame each, then exit.
+
+        It never returns, logs, or runs exit handlers: whatever it holds belongs to the parent (a spool
+        file, say), and os._exit() leaves it all as it is.
+        """
+        code = 70
+        try:
+            os.close(read_fd)
+            self._limit_child()
+            for template in todo:
+                try:
+                    result: tuple[Any, ...] = self._render_one(template, values, index)
+                except RenderError as exc:
+                    kind = "missing" if isinstance(exc, MissingKey) else "render"
+                    result = ("error", kind, exc.what, exc.line, exc.key)
+                except MemoryError:  # past the budget outside a template's own frames (in a frame's pickle)
+                    result = ("error", "render", self._out_of_memory(), None, None)
+                frame = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+                _write_all(write_fd, _LENGTH.pack(len(frame)) + frame)
+                if result[0] == "error":
+                    break
+            code = 0
+        finally:
+            os._exit(code)
+
+    def _limit_child(self) -> None:
+        """Bound the child: its address space, the kernel's choice of what to kill, and the signals it takes."""
+        # A signal meant for the parent's loop must not reach it through the wakeup fd both share.
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(number, signal.SIG_DFL)
+        # If the pod's memory runs out anyway, the kernel kills the child, not the agent.
+        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
+            adj.write("1000")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = _virtual_size() + self._memory
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        if soft == resource.RLIM_INFINITY or limit < soft:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+    def _out_of_memory(self) -> str:
+        if self._isolate:
+            return f"used more than {self._memory // _MiB} MiB"
+        return "ran out of memory"
+
+    def _render_one(self, template: Template, values: Mapping[str, FileEntry], index: _Index) -> _Result:
+        """Render one template, within its time and size limits, recording what it read.
+
+        Every message is redacted (see _Scope.redact): none quotes a value the template read.
+        """
         compiled = self._compile(template)
-        scope = _Scope(values, index, self._env_names, self._environ)
+        scope = _Scope(values, index, self._env_names, self._environ, template.text.decode("utf-8"))
         chunks: list[bytes] = []
         size = 0
         context = compiled.new_context(scope.functions())
@@ -933,21 +1224,31 @@ class Renderer:
                     line = self._suspended_line(compiled, stream)
                     raise RenderError(template, f"output passes {self._max_output} bytes", line)
                 chunks.append(data)
-        except _TimeUp as exc:
-            line = _template_line(compiled, exc.__traceback__)
-            raise RenderError(template, f"took longer than {self._timeout:g}s", line) from None
+        except _TimeUp:
+            # No line: the clock fires wherever the loop happens to be, and one template and input must
+            # fail with one message, counted once.
+            raise RenderError(template, f"took longer than {self._timeout:g}s") from None
         except _Missing as exc:
+            what, key = scope.redact(exc.what), scope.redact(exc.key or "")
             if template.missing == "error":
                 line = _template_line(compiled, exc.__traceback__)
-                raise MissingKey(template, exc.what, line, exc.key) from None
+                raise MissingKey(template, what, line, key) from None
             outcome: Literal["skip", "wait"] = template.missing
-            why = exc.what if outcome == "skip" else exc.key or ""
-            return self._memo(template, scope, outcome, why=why)
+            return self._result(scope, outcome, why=what if outcome == "skip" else key)
         except _Refused as exc:
-            raise RenderError(template, exc.what, _template_line(compiled, exc.__traceback__), exc.key) from None
+            named = None if exc.key is None else scope.redact(exc.key)
+            line = _template_line(compiled, exc.__traceback__)
+            raise RenderError(template, _shortened(scope.redact(exc.what)), line, named) from None
+        except MemoryError as exc:
+            line = _template_line(compiled, exc.__traceback__)
+            raise RenderError(template, self._out_of_memory(), line) from None
         except UnicodeEncodeError:
             raise RenderError(template, "the output is not valid UTF-8 text") from None
-        except InfantryError:
+        except RenderError:
+            raise  # the output cap, above
+        except InfantryError as exc:
+            if self._isolate:  # its class cannot cross to the parent: its (redacted) message does
+                raise RenderError(template, _shortened(scope.redact(str(exc)))) from None
             raise  # the spool lost a value, say: not the template's fault, and its handling is the caller's
         except Exception as exc:  # the template is user code: any failure of it is a render error
             # Not chained: the exception's own text may quote a value, and a logged chain would show it.
@@ -956,7 +1257,7 @@ class Renderer:
         finally:
             sys.settrace(previous)
             stream.close()
-        return self._memo(template, scope, "file", data=b"".join(chunks))
+        return self._result(scope, "file", data=b"".join(chunks))
 
     @staticmethod
     def _suspended_line(compiled: Compiled, stream: Any) -> int | None:
@@ -964,18 +1265,15 @@ class Renderer:
         return compiled.get_corresponding_lineno(frame.f_lineno) if frame is not None else None
 
     @staticmethod
-    def _memo(
-        template: Template, scope: _Scope, outcome: Literal["file", "skip", "wait"], *, data: bytes = b"", why: str = ""
-    ) -> _Memo:
-        return _Memo(
-            template.text,
-            template.missing,
-            list(scope.reads),
-            [_held(entry) for entry in scope.reads.values()],
-            scope.present,
-            scope.names,
-            scope.trees,
-            outcome,
-            data,
-            why,
-        )
+    def _result(
+        scope: _Scope, outcome: Literal["file", "skip", "wait"], *, data: bytes = b"", why: str = ""
+    ) -> _Result:
+        return (outcome, data, why, list(scope.reads), scope.present, scope.names, scope.trees)
+
+
+_ONE_FILE_TAGS: dict[type[nodes.Node], str] = {
+    nodes.Include: "include",
+    nodes.Import: "import",
+    nodes.FromImport: "from ... import",
+    nodes.Extends: "extends",
+}

@@ -8,10 +8,16 @@ from __future__ import annotations
 import base64
 import gc
 import hashlib
+import os
+import resource
+import signal
+import statistics
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -256,6 +262,16 @@ def test_a_spooled_value_is_read_through_the_spool() -> None:
     assert output.files["out"] == large + b"serverssmall"
 
 
+def test_the_spool_files_of_the_values_outlive_the_render_child() -> None:
+    values = {"big": FileEntry(b"x" * 1000), "gone": FileEntry(b"y" * 1000)}
+    blob = values["big"].content
+    assert isinstance(blob, Blob)
+    # The child reads the spool file, drops its references and exits: the file is still the parent's.
+    template = Template("t", "mem://t", b'{{ key("big") | length }}{{ key("gone") | length }}')
+    assert Renderer().render(values, [template]).files == {"t": b"10001000"}
+    assert blob.read() == b"x" * 1000
+
+
 def test_a_failure_quoting_a_value_does_not_show_it() -> None:
     # The sandbox's message for a missing attribute quotes its name, here a value from the store.
     error = failure('{{ {"a": 1}[key("db/password")] }}', {"db/password": b"hunter2-secret"})
@@ -348,15 +364,17 @@ def test_a_one_key_change_among_a_thousand_templates_renders_one() -> None:
     first_s = time.perf_counter() - started
     assert len(first.files) == 1000
     assert first.files["out/t7.conf"] == b"".join(b"v%d\n" % (70 + k) for k in range(10))
-    changed = Snapshot.of(entries({**store, "svc/s123/k4": b"new"})).files
-    started = time.perf_counter()
-    output = renderer.render(changed, templates)
-    change_s = time.perf_counter() - started
-    assert output.rendered == ["out/t123.conf"]
-    assert b"new\n" in output.files["out/t123.conf"]
+    changes: list[float] = []
+    for n in range(9):  # each a fork, one template rendered in the child, one frame back
+        changed = Snapshot.of(entries({**store, "svc/s123/k4": b"new%d" % n})).files
+        started = time.perf_counter()
+        output = renderer.render(changed, templates)
+        changes.append(time.perf_counter() - started)
+        assert output.rendered == ["out/t123.conf"]
+        assert b"new%d\n" % n in output.files["out/t123.conf"]
     report_figure(
         f"templates: 1,000 templates x 10 keys over 10,000 values: first render {first_s:.2f} s "
-        f"(compiling included), a one-key change {change_s * 1000:.1f} ms"
+        f"(compiling included), a one-key change {statistics.median(changes) * 1000:.1f} ms (median of 9)"
     )
 
 
@@ -385,7 +403,8 @@ def test_an_endless_loop_is_stopped_by_the_time_limit(sentinel_trace: Callable[.
     error = failure(endless, renderer=renderer)
     elapsed = time.monotonic() - started
     assert sys.gettrace() is sentinel_trace
-    assert str(error) == "template out.conf (mem://t) line 2: took longer than 0.5s"
+    assert str(error) == "template out.conf (mem://t): took longer than 0.5s"
+    assert error.line is None
     assert elapsed < 1.5
     assert render('{{ key("web/tls/cert") }}', renderer=renderer) == "CERT"  # the renderer still works
     assert sys.gettrace() is sentinel_trace
@@ -509,3 +528,239 @@ def test_a_yaml_alias_bomb_is_refused_when_written_out() -> None:
         failure('{{ key("bomb") | fromyaml | tojson }}', {"bomb": laughs.encode()})
     )
     assert "printing" in str(failure('{{ key("bomb") | fromyaml }}', {"bomb": laughs.encode()}))
+
+
+def test_include_import_and_extends_are_refused_when_compiled() -> None:
+    for text, tag in [
+        ("a\n{% include 'other.j2' %}", "include"),
+        ("a\n{% import 'macros.j2' as m %}", "import"),
+        ("a\n{% from 'macros.j2' import server %}", "from ... import"),
+        ("a\n{% extends 'base.j2' %}", "extends"),
+    ]:
+        with pytest.raises(TemplateSyntax) as caught:
+            Renderer().check(Template("t", "mem://t", text.encode()))
+        assert str(caught.value) == (
+            f"template t (mem://t) line 2: templates are one file each; {{% {tag} %}} is not available"
+        )
+        assert caught.value.line == 2
+
+
+# Limits the render child holds: memory, C-level time, the caller's thread
+
+
+def _children() -> set[int]:
+    """This process's child processes, live or zombie (from /proc, as an app's supervisor would see)."""
+    found: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        found.update(int(pid) for pid in (task / "children").read_text().split())
+    return found
+
+
+# Ten levels of lists, each level ten references to the one below: cheap to build, 10**10 items to compare.
+NESTED = "".join(
+    f"{{% set {name}{level} = [{', '.join(['0' if level == 0 else f'{name}{level - 1}'] * 10)}] %}}"
+    for name in "ab"
+    for level in range(10)
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{% set l = ("x," * 4000000).split(",") %}{{ [l, l, l, l, l, l, l, l, l, l] | map("list") | list | length }}',
+        '{% set s = "x" * 8000000 %}{{ s | list | batch(1) | list | length }}',
+        '{% set s = "<" * 8000000 %}{{ s | forceescape | forceescape | forceescape | forceescape | length }}',
+        '{% set l = ("x," * 1000000).split(",") %}'
+        "{% macro f(n) %}{% set m = l | list %}{{ f(n - 1) if n else m | length }}{% endmacro %}{{ f(300) }}",
+    ],
+    ids=["split-map-list", "list-batch", "forceescape", "deep-macro"],
+)
+def test_a_memory_bomb_the_estimates_miss_is_stopped_by_the_memory_budget(text: str) -> None:
+    renderer = Renderer(memory=64 * 1024 * 1024, timeout=10)
+    before = _children()
+    started = time.monotonic()
+    error = failure(text, renderer=renderer)
+    assert time.monotonic() - started < 5
+    assert str(error) == "template out.conf (mem://t) line 1: used more than 64 MiB"
+    assert _children() == before  # the child is reaped
+    assert render('{{ key("web/tls/cert") }}', renderer=renderer) == "CERT"
+
+
+def test_the_default_memory_budget_holds_and_the_caller_does_not_grow() -> None:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    text = '{% set l = ("x," * 4000000).split(",") %}{{ [l, l, l, l, l, l, l, l, l, l] | map("list") | list | length }}'
+    assert "used more than 256 MiB" in str(failure(text))
+    # The child built hundreds of MiB; the caller built none of them.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 64 * 1024
+
+
+def test_one_long_c_call_is_ended_by_killing_the_child() -> None:
+    # a9 == b9 is one comparison in C: no trace function sees it, and it would hold the GIL for minutes.
+    renderer = Renderer(timeout=0.3)
+    before = _children()
+    started = time.monotonic()
+    error = failure(NESTED + "\n{{ a9 == b9 }}", renderer=renderer)
+    assert time.monotonic() - started < 2.5
+    assert str(error) == "template out.conf (mem://t): took longer than 0.3s"
+    assert _children() == before
+    assert render('{{ key("web/tls/cert") }}', renderer=renderer) == "CERT"
+
+
+def test_the_callers_other_threads_run_while_a_template_renders() -> None:
+    # a8 == b8 holds the GIL for about two seconds in one C call; in a child, only the child's GIL.
+    renderer = Renderer(timeout=0.2)
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            render(NESTED + "{{ a8 == b8 }}", renderer=renderer)
+        except RenderError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    longest_gap = 0.0
+    last = time.monotonic()
+    while thread.is_alive():
+        now = time.monotonic()
+        longest_gap = max(longest_gap, now - last)
+        last = now
+    thread.join()
+    assert longest_gap < 0.25
+    assert len(outcome) == 1 and "took longer than 0.2s" in str(outcome[0])
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_caller_interrupted_while_waiting_leaves_no_child() -> None:
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise _Interrupted
+
+    before = _children()
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(_Interrupted):
+            render(NESTED + "{{ a9 == b9 }}", renderer=Renderer(timeout=30))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 2
+    assert _children() == before
+
+
+def test_a_child_killed_by_a_signal_names_the_signal_and_the_budget() -> None:
+    # What the kernel's OOM killer does to a child over the pod's limit, done here by the test.
+    renderer = Renderer(timeout=30, memory=100 * 1024 * 1024)
+    errors: list[RenderError] = []
+
+    def run() -> None:
+        try:
+            render(NESTED + "{{ a9 == b9 }}", renderer=renderer)
+        except RenderError as exc:
+            errors.append(exc)
+
+    before = _children()
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not (_children() - before) and time.monotonic() < deadline:
+        pass
+    for pid in _children() - before:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(10)
+    assert len(errors) == 1
+    assert str(errors[0]) == (
+        "template out.conf (mem://t): the render ended by signal 9 (over the memory budget of 100 MiB?)"
+    )
+    assert _children() == before
+
+
+# Timeouts are one message per template and input
+
+
+def test_a_timeout_names_no_line_so_the_same_template_fails_the_same_way() -> None:
+    # The clock fires on whichever of the loop's lines runs at that moment: the message names none.
+    text = "{% for i in range(100000) %}{% for j in range(100000) %}\n{% set x = i * j %}\n{% set y = x + 1 %}\n"
+    text += "{% if y %}\n{% endif %}\n{% endfor %}{% endfor %}"
+    renderer = Renderer(timeout=0.1)
+    errors = [failure(text, renderer=renderer) for _ in range(5)]
+    assert {str(error) for error in errors} == {"template out.conf (mem://t): took longer than 0.1s"}
+    assert {error.line for error in errors} == {None}
+
+
+# Secrets stay out of messages
+
+PEM = (
+    "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nsecretsecretsecretline\n-----END PRIVATE KEY-----\n"
+)
+SECRETS = {"pem": PEM.encode(), "pw": b"hunter2-secret-pw", "quoted": b'it\'s "hunter2"\tand\\more'}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{{ {}[key("pem")] }}',
+        '{{ {}[key("quoted")] }}',
+        '{{ key(key("pw")) }}',
+        '{{ key(key("pem")) }}',
+        '{{ key_bytes(key("quoted")) }}',
+        '{{ env(key("pw")) }}',
+        '{{ fail(key("pem")) }}',
+        '{{ fail(key("pem").splitlines()[1][3:20]) }}',
+        '{{ (key("quoted") | attr(key("pw")))() }}',
+        '{{ {key("pem"): 1}[key("pw")] }}',
+        '{{ key("pw").nothing_here() }}',
+    ],
+)
+def test_no_message_quotes_a_value_in_any_form(text: str) -> None:
+    error = failure(text, SECRETS)
+    message = f"{error} {error.key}"
+    for value in SECRETS.values():
+        for form in (value.decode(), repr(value.decode())[1:-1], *value.decode().splitlines()):
+            assert form not in message
+    assert "hunter2" not in message and "secretsecret" not in message and "MIIEvQ" not in message
+
+
+def test_a_missing_key_built_from_a_value_is_redacted_also_where_it_waits_or_is_skipped() -> None:
+    templates = [
+        Template("skip", "mem://s", b'{{ key(key("pw")) }}', "skip"),
+        Template("wait", "mem://w", b'{{ key(key("pw")) }}', "wait"),
+    ]
+    output = Renderer().render(entries(SECRETS), templates)
+    assert output.skipped == {"skip": "key '<a value>' is missing"}
+    assert output.waiting == {"wait": "<a value>"}
+    with pytest.raises(MissingKey) as caught:
+        render('{{ key(key("pw")) }}', SECRETS)
+    assert str(caught.value) == "template out.conf (mem://t) line 1: key '<a value>' is missing"
+    assert caught.value.key == "<a value>"
+
+
+def test_an_env_value_is_redacted_like_a_value() -> None:
+    token = "s3cr'et\"tok\ten"
+    renderer = Renderer(env_names=["TOKEN"], environ={"TOKEN": token})
+    for text in ('{{ {}[env("TOKEN")] }}', '{{ key(env("TOKEN")) }}', '{{ env(env("TOKEN")) }}'):
+        message = str(failure(text, renderer=renderer))
+        assert "<a value>" in message
+        assert "s3cr" not in message and "tok" not in message, message
+
+
+@pytest.mark.parametrize(
+    ("value", "filter_", "expected"),
+    [
+        (b'{"a": "x\\qhunter2"}', "fromjson", "fromjson: not valid JSON at line 1 column 9: Invalid \\escape"),
+        (b"a: 1\nb: !hunter2 x\n", "fromyaml", "fromyaml: not valid YAML at line 2 column 4"),
+        (b"a: !!python/name:hunter2.x ''\n", "fromyaml", "fromyaml: not valid YAML at line 1 column 4"),
+        (b"a: [1, 2\nhunter2: 3", "fromyaml", "fromyaml: not valid YAML at line 2"),
+        (b'a = "hunter2\x01"', "fromtoml", "fromtoml: not valid TOML at line 1, column 13"),
+        (b"hunter2 = = 1", "fromtoml", "fromtoml: not valid TOML at line 1, column 11"),
+        (b"aHVudGVyMg=x", "b64decode", "b64decode: not valid base64"),
+    ],
+)
+def test_a_decoder_says_where_and_what_kind_never_the_text(value: bytes, filter_: str, expected: str) -> None:
+    error = failure(f'{{{{ key("v") | {filter_} }}}}', {"v": value})
+    assert expected in str(error)
+    assert "hunter2" not in str(error) and "aHVu" not in str(error)
