@@ -59,6 +59,9 @@ class Assembler:
                 environ=os.environ if environ is None else environ,
                 max_output=int(settings.max_file_size),
                 timeout=settings.render_timeout,
+                # A render's child may use this much beyond what it inherits: within the pod's 128 MiB
+                # limit by default (and if the pod runs short anyway, the kernel kills the child first).
+                memory=max(64 << 20, 4 * int(settings.max_file_size)),
             )
         self.rendered: list[str] = []  # the templates the last assemble() rendered (the others were reused)
         self.skipped: dict[str, str] = {}  # the templates left out by the last assemble(), and why

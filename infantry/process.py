@@ -232,6 +232,24 @@ def start_reaper(loop: asyncio.AbstractEventLoop) -> bool:
     return True
 
 
+def fork_owned() -> int:
+    """``os.fork()``, the child registered as owned so that the reaper leaves it to its parent.
+
+    The parent must :func:`release` the PID once it has reaped the child.
+    """
+    with _children_lock:
+        pid = os.fork()
+        if pid:
+            _owned.add(pid)
+    return pid
+
+
+def release(pid: int) -> None:
+    """Forget a child of :func:`fork_owned`, once reaped."""
+    with _children_lock:
+        _owned.discard(pid)
+
+
 def reap_orphans(proc: Path = Path("/proc")) -> list[int]:
     """Reap every zombie child that :func:`run_command` does not own; the PIDs reaped."""
     reaped = []

@@ -81,6 +81,7 @@ from jinja2.runtime import Context, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace, pass_environment, pass_eval_context
 
+from infantry import process
 from infantry.errors import InfantryError, SettingsError, UnsafeDataError
 from infantry.snapshot import FileEntry, digest
 from infantry.spool import Blob, Digest
@@ -1075,7 +1076,7 @@ class Renderer:
         """
         read_fd, write_fd = os.pipe()
         try:
-            pid = os.fork()
+            pid = process.fork_owned()  # owned: a PID 1 reaper leaves it to this wait
         except BaseException:
             os.close(read_fd)
             os.close(write_fd)
@@ -1097,8 +1098,9 @@ class Renderer:
             if not reaped:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError):  # a PID 1 reaper may have reaped it already
+                with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
+            process.release(pid)
 
     def _next_frame(self, fd: int, pending: bytearray, template: Template) -> bytes | None:
         """The next frame from the child, None at the end of the pipe; RenderError once the time is up."""
