@@ -77,7 +77,13 @@ class FileEntry:
     one, so that a mode equal to the default is stored as None and equal files compare equal.
     """
 
-    __slots__ = ("content", "executable", "mode")
+    __slots__ = ("content", "executable")
+    # Nearly every entry has the default mode, and a set may hold 100,000 of them: only an entry with a
+    # mode of its own (a _ModedEntry) has room for one.
+    mode: int | None = None
+
+    def __new__(cls, content: bytes | Digest, executable: bool = False, mode: int | None = None) -> FileEntry:
+        return object.__new__(_ModedEntry if mode is not None else cls)
 
     def __init__(self, content: bytes | Digest, executable: bool = False, mode: int | None = None) -> None:
         if isinstance(content, bytes) and len(content) > INLINE_MAX:
@@ -86,7 +92,6 @@ class FileEntry:
             content = content.read()  # one form for each size, so equal content compares equal
         self.content = content
         self.executable = executable
-        self.mode = mode
 
     @property
     def size(self) -> int:
@@ -116,6 +121,16 @@ class FileEntry:
     def __repr__(self) -> str:
         mode = f", mode=0o{self.mode:o}" if self.mode is not None else ""
         return f"FileEntry({self.content!r}, executable={self.executable}{mode})"
+
+
+class _ModedEntry(FileEntry):
+    """A FileEntry with a mode of its own."""
+
+    __slots__ = ("mode",)
+
+    def __init__(self, content: bytes | Digest, executable: bool = False, mode: int | None = None) -> None:
+        super().__init__(content, executable)
+        self.mode = mode
 
 
 def default_mode(executable: bool, file_mode: int) -> int:

@@ -394,7 +394,10 @@ class Watcher:
         ]
         texts = [part for part in self._parts[self._values :] if part is not None]
         generation = self._generation
-        desired = await threads.run(self._assembler.assemble, values, texts)
+        if self._assembler.templates:
+            desired = await threads.run(self._assembler.assemble, values, texts)
+        else:  # a merge only: quick, and no thread to start
+            desired = self._assembler.assemble(values, texts)
         if self._generation == generation:
             self._desired = desired
         self._assembled, self._render_error = True, None
