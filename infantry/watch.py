@@ -425,7 +425,11 @@ class Watcher:
                 if problem is not None:
                     return problem
             if self._pending is not None:
-                return await self._tell(self._pending)
+                told = await self._tell(self._pending)
+                # What staging and telling took is not kept counted against the pod; after the app was
+                # told, since giving memory back takes a few milliseconds with a large set.
+                memory.give_back()
+                return told
         except ContentLost as exc:
             # The spool was emptied or changed behind infantry's back (with the destination, say): what
             # the sources gave is gone, so they read it all again, and the next step publishes that.
@@ -459,7 +463,6 @@ class Watcher:
         if not published:
             return None
         self._live = target
-        memory.give_back()  # what staging a large set took is not kept counted against the pod
         self.metrics.publishes.labels("published").inc()
         self.metrics.set_version(target.version, len(target.files))
         self.metrics.fallback.set(0)
