@@ -8,6 +8,7 @@ new and others old. With no template, the set is the values, as it always was.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,8 @@ from infantry.snapshot import FileEntry, Part, Snapshot, entry_with_mode, find_f
 
 if TYPE_CHECKING:
     from infantry.templates import Renderer
+
+logger = logging.getLogger(__name__)
 
 
 def is_template_syntax(error: BaseException) -> bool:
@@ -63,8 +66,7 @@ class Assembler:
                 # limit by default (and if the pod runs short anyway, the kernel kills the child first).
                 memory=max(64 << 20, 4 * int(settings.max_file_size)),
             )
-        self.rendered: list[str] = []  # the templates the last assemble() rendered (the others were reused)
-        self.skipped: dict[str, str] = {}  # the templates left out by the last assemble(), and why
+        self._skipped: dict[str, str] = {}  # the templates left out (missing: skip) by the last assemble
 
     def assemble(self, values: Sequence[Part], texts: Sequence[Snapshot]) -> Snapshot:
         """The set to publish, from the value sources' parts and each template source's snapshot.
@@ -86,7 +88,10 @@ class Assembler:
             for spec, (group, name) in zip(self.templates, self._picks, strict=True)
         ]
         output = self._renderer.render(merged.files, templates)
-        self.rendered, self.skipped = output.rendered, output.skipped
+        for dest, why in output.skipped.items():
+            if self._skipped.get(dest) != why:
+                logger.info("template %s left out of the set (missing: skip): %s", dest, why)
+        self._skipped = dict(output.skipped)
         if output.waiting:
             dest, key = next(iter(output.waiting.items()))
             spec = next(s for s in self.templates if s.dest == dest)

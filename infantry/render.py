@@ -72,14 +72,11 @@ def unified_diff(live: Mapping[str, bytes | None], snapshot: Snapshot, dest: Pat
             continue
         before = (old or b"").decode(errors="replace").splitlines(keepends=True) if path in live else []
         after = (new or b"").decode(errors="replace").splitlines(keepends=True) if new is not None else []
-        chunks.extend(
-            difflib.unified_diff(
-                before,
-                after,
-                fromfile=f"{dest}/{path}" if path in live else "/dev/null",
-                tofile=f"rendered/{path}" if new is not None else "/dev/null",
-            )
-        )
-        if chunks and not chunks[-1].endswith("\n"):
-            chunks[-1] += "\n\\ No newline at end of file\n"
+        for line in difflib.unified_diff(
+            before,
+            after,
+            fromfile=f"{dest}/{path}" if path in live else "/dev/null",
+            tofile=f"rendered/{path}" if new is not None else "/dev/null",
+        ):
+            chunks.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
     return "".join(chunks)
