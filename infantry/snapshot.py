@@ -177,6 +177,11 @@ class Files(Mapping[str, FileEntry]):
     def __contains__(self, path: object) -> bool:
         return path in self._items
 
+    def stored(self, path: str) -> bytes | FileEntry | None:
+        """The item kept for ``path``, as it is kept: a small plain file's bytes (the same object for as
+        long as the file is unchanged), or its FileEntry; None when absent. For quick comparisons."""
+        return self._items.get(path)
+
     def __repr__(self) -> str:
         return f"Files({dict(self.items())!r})"
 

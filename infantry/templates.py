@@ -83,7 +83,7 @@ from jinja2.utils import Namespace, pass_environment, pass_eval_context
 
 from infantry import process
 from infantry.errors import InfantryError, SettingsError, UnsafeDataError
-from infantry.snapshot import FileEntry, digest
+from infantry.snapshot import FileEntry, Files, digest
 from infantry.spool import Blob, Digest
 
 __all__ = ["MissingKey", "Output", "RenderError", "Renderer", "Template", "TemplateSyntax"]
@@ -865,14 +865,21 @@ def _shortened(text: str) -> str:
 # What the Renderer remembers of each template.
 
 
-def _held(entry: FileEntry | None) -> FileEntry | None:
+def _held(entry: bytes | FileEntry | None) -> bytes | FileEntry | None:
     """``entry`` as a memo keeps it: spooled content by its digest, so the memo keeps no spool file alive.
 
     A Digest compares equal to a Blob of the same content, so the memo still tells whether it changed.
     """
-    if entry is not None and isinstance(entry.content, Blob):
+    if isinstance(entry, FileEntry) and isinstance(entry.content, Blob):
         return FileEntry(Digest(entry.content.size, entry.content.sha), entry.executable)
     return entry
+
+
+def _lookup(values: Mapping[str, FileEntry]) -> Callable[[str], bytes | FileEntry | None]:
+    """How the memo looks a path up: in a snapshot's Files, the item as kept (a small file's bytes are
+    the same object for as long as it is unchanged, so most comparisons are by identity), else the entry.
+    """
+    return values.stored if isinstance(values, Files) else values.get
 
 
 @dataclass
@@ -882,7 +889,7 @@ class _Memo:
     text: bytes
     missing: Missing
     read_paths: list[str]
-    read_entries: list[FileEntry | None]  # each path's entry when read, or None for absent
+    read_entries: list[bytes | FileEntry | None]  # each path's item when read (see _lookup), None for absent
     present: dict[str, bool]
     names: dict[str, str]
     trees: dict[str, str]
@@ -892,7 +899,7 @@ class _Memo:
 
     def still_valid(self, values: Mapping[str, FileEntry], index: _Index) -> bool:
         """Whether every input the template read is the same in ``values``."""
-        get = values.get
+        get = _lookup(values)
         # One comprehension and one list comparison: equal entries are most often the same object.
         if [get(path) for path in self.read_paths] != self.read_entries:
             return False
@@ -1060,7 +1067,8 @@ class Renderer:
     def _keep(self, template: Template, values: Mapping[str, FileEntry], result: _Result) -> None:
         """Remember one template's render; the entries it read are looked up here, in the same values."""
         outcome, data, why, read_paths, present, names, trees = result
-        entries = [_held(values.get(path)) for path in read_paths]
+        get = _lookup(values)
+        entries = [_held(get(path)) for path in read_paths]
         self._memos[template.dest] = _Memo(
             template.text, template.missing, read_paths, entries, present, names, trees, _OUTCOMES[outcome], data, why
         )
