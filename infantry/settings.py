@@ -119,6 +119,14 @@ def source_url_problem(url: str) -> str | None:
     return None
 
 
+def _source_url(url: str) -> str:
+    """``url``, if it can be read as a source (a template's too); else why not, never quoting a secret."""
+    problem = source_url_problem(url)
+    if problem is not None:
+        raise ValueError(f"{redact_url(url)}: {problem}")
+    return url
+
+
 class SourceSpec(BaseModel):
     """One source: a URL, where its files go in the destination, and how to authenticate."""
 
@@ -145,10 +153,7 @@ class SourceSpec(BaseModel):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        problem = source_url_problem(url)
-        if problem is not None:
-            raise ValueError(f"{redact_url(url)}: {problem}")
-        return url
+        return _source_url(url)
 
     @field_validator("dir")
     @classmethod
@@ -197,10 +202,7 @@ class TemplateSpec(BaseModel):
     @field_validator("src")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        problem = source_url_problem(url)
-        if problem is not None:
-            raise ValueError(f"{redact_url(url)}: {problem}")
-        return url
+        return _source_url(url)
 
     @field_validator("dest")
     @classmethod
