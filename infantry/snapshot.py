@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -147,6 +147,16 @@ def entry_with_mode(content: bytes | Digest, mode: int, file_mode: int) -> FileE
     return FileEntry(content, mode=mode)
 
 
+def _compact(entry: FileEntry) -> bytes | FileEntry:
+    """How a set keeps ``entry``: a small plain file as its bytes alone, anything else as the entry."""
+    content = entry.content
+    return content if isinstance(content, bytes) and not entry.executable and entry.mode is None else entry
+
+
+def _entry(item: bytes | FileEntry) -> FileEntry:
+    return FileEntry(item) if isinstance(item, bytes) else item
+
+
 class Files(Mapping[str, FileEntry]):
     """A snapshot's files: an immutable mapping from path to FileEntry.
 
@@ -157,16 +167,16 @@ class Files(Mapping[str, FileEntry]):
     __slots__ = ("_items",)
 
     def __init__(self, files: Mapping[str, FileEntry]) -> None:
-        self._items: dict[str, bytes | FileEntry] = {
-            path: entry.content
-            if isinstance(entry.content, bytes) and not entry.executable and entry.mode is None
-            else entry
-            for path, entry in files.items()
-        }
+        self._items: dict[str, bytes | FileEntry]
+        if isinstance(files, Files):
+            self._items = files._items  # neither ever changes
+        elif isinstance(files, Draft):
+            self._items = files.freeze()
+        else:
+            self._items = {path: _compact(entry) for path, entry in files.items()}
 
     def __getitem__(self, path: str) -> FileEntry:
-        item = self._items[path]
-        return FileEntry(item) if isinstance(item, bytes) else item
+        return _entry(self._items[path])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
@@ -182,8 +192,55 @@ class Files(Mapping[str, FileEntry]):
         long as the file is unchanged), or its FileEntry; None when absent. For quick comparisons."""
         return self._items.get(path)
 
+    def draft(self) -> Draft:
+        """A copy to change, at the cost of copying a dict: no FileEntry is made for a small file."""
+        return Draft(dict(self._items))
+
     def __repr__(self) -> str:
         return f"Files({dict(self.items())!r})"
+
+
+class Draft(MutableMapping[str, FileEntry]):
+    """A set's files being changed (a watch applying events), kept as Files keeps them.
+
+    Made by Files.draft(); Files(draft) takes its items without copying them, and the draft can no
+    longer be changed, so the Files it became stays immutable.
+    """
+
+    __slots__ = ("_frozen", "_items")
+
+    def __init__(self, items: dict[str, bytes | FileEntry]) -> None:
+        self._items = items
+        self._frozen = False
+
+    def freeze(self) -> dict[str, bytes | FileEntry]:
+        """The items, for a Files to own: the draft refuses any change from now on."""
+        self._frozen = True
+        return self._items
+
+    def _changing(self) -> None:
+        if self._frozen:
+            raise TypeError("this set of files was frozen into a snapshot and cannot change")
+
+    def __getitem__(self, path: str) -> FileEntry:
+        return _entry(self._items[path])
+
+    def __setitem__(self, path: str, entry: FileEntry) -> None:
+        self._changing()
+        self._items[path] = _compact(entry)
+
+    def __delitem__(self, path: str) -> None:
+        self._changing()
+        del self._items[path]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._items
 
 
 @dataclass(frozen=True)
@@ -196,7 +253,8 @@ class Snapshot:
     @classmethod
     def of(cls, files: Mapping[str, FileEntry]) -> Snapshot:
         """Build a Snapshot from already validated entries, computing its version."""
-        return cls(Files(files), digest(files))
+        kept = Files(files)
+        return cls(kept, digest(kept))
 
     @property
     def short_version(self) -> str:
@@ -214,13 +272,19 @@ def digest(files: Mapping[str, FileEntry]) -> str:
     Small content is hashed as it is; larger content by its own SHA-256, which was computed as it
     was spooled or read.
     """
+    # A Files' own items: its small plain files as bytes, with no FileEntry made for them.
+    items: Mapping[str, bytes | FileEntry] = files._items if isinstance(files, Files) else files
     h = hashlib.sha256()
-    for path in sorted(files):
-        entry = files[path]
-        content = entry.content
+    for path in sorted(items):
+        item = items[path]
         encoded = path.encode("utf-8")
+        if isinstance(item, bytes):  # a small file with the default mode
+            h.update(b"%d:%s:0:%d:" % (len(encoded), encoded, len(item)))
+            h.update(item)
+            continue
+        content = item.content
         # 0 or 1 for a file with the default mode (as before modes of its own existed), 2 + mode otherwise.
-        kind = int(entry.executable) if entry.mode is None else 2 + entry.mode
+        kind = int(item.executable) if item.mode is None else 2 + item.mode
         if isinstance(content, bytes):
             h.update(b"%d:%s:%d:%d:" % (len(encoded), encoded, kind, len(content)))
             h.update(content)
@@ -249,6 +313,16 @@ class SnapshotBuilder:
     def limits(self) -> Limits:
         """The limits this builder enforces."""
         return self._limits
+
+    @property
+    def total(self) -> int:
+        """The bytes of content added so far."""
+        return self._total
+
+    @property
+    def names(self) -> int:
+        """The characters of the paths added so far (the measure of MAX_NAMES_BYTES)."""
+        return self._names
 
     def remaining(self) -> int:
         """The most bytes the next file may hold under the per-file and total limits."""
@@ -353,6 +427,90 @@ class SnapshotBuilder:
         if clash is not None:
             raise self.reject(f"{printable(clash)} is both a file and a directory")
         return Snapshot.of(self._files)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A set that passed every check of SnapshotBuilder, with the sums a revision of it is checked from."""
+
+    snapshot: Snapshot
+    total: int  # bytes of content
+    names: int  # characters of paths, as SnapshotBuilder counts them
+
+
+# A revision adding more new paths than this is checked whole: each new path costs a pass over the set.
+REVISE_NEW_PATHS = 8
+
+
+def check_whole(source: str, limits: Limits, files: Mapping[str, FileEntry]) -> Checked:
+    """Check every path and entry of ``files`` as SnapshotBuilder does, and build the Snapshot."""
+    builder = SnapshotBuilder(source, limits)
+    for path in sorted(files):
+        builder.add_entry(path, files[path])
+    return Checked(builder.build(), builder.total, builder.names)
+
+
+def check_revision(
+    source: str, limits: Limits, before: Checked, files: Mapping[str, FileEntry], changed: Iterable[str]
+) -> Checked:
+    """Check ``files``, which differ from ``before`` only at the paths in ``changed``, at the cost of those.
+
+    It refuses exactly what check_whole would (the message may name another path): paths are checked
+    where they are new, sizes against the per-file limit where they changed, and the count, the total
+    size and the paths' length from sums kept up to date. A new path is checked against the set for a
+    file/directory clash. When more than REVISE_NEW_PATHS paths are new, the set is checked whole.
+    """
+    old = before.snapshot.files
+    builder = SnapshotBuilder(source, limits)
+    total, names = before.total, before.names
+    new: list[str] = []
+    for path in changed:
+        was = old.get(path)
+        entry = files.get(path)
+        if was is not None:
+            total -= was.size
+            if entry is None:
+                names -= len(path)
+        elif entry is not None:
+            reason = check_path(path)
+            if reason is not None:
+                raise builder.reject(f"unsafe path {printable(path)}: {reason}")
+            names += len(path)
+            new.append(path)
+        if entry is not None:
+            if entry.size > limits.max_file_size:
+                builder.check_size(path, entry.size)  # names the path and the limit
+            total += entry.size
+    if len(new) > REVISE_NEW_PATHS:
+        return check_whole(source, limits, files)
+    if not files:
+        raise builder.reject("the source holds no files")
+    if len(files) > limits.max_files:
+        raise builder.reject(f"more than {limits.max_files} files (max-files)")
+    if names > MAX_NAMES_BYTES:
+        raise builder.reject(
+            f"the paths of the set pass {MAX_NAMES_BYTES >> 20} MiB together; use shorter paths or fewer files"
+        )
+    if total > limits.max_total_size:
+        raise builder.reject(f"total size passes the limit of {limits.max_total_size} bytes")
+    for path in new:
+        clash = _clash_at(path, files)
+        if clash is not None:
+            raise builder.reject(f"{printable(clash)} is both a file and a directory")
+    return Checked(Snapshot.of(files), total, names)
+
+
+def _clash_at(path: str, files: Mapping[str, FileEntry]) -> str | None:
+    """A path of ``files`` that is a file above ``path``, or ``path`` itself if files lie under it."""
+    at = path.find("/")
+    while at != -1:
+        if path[:at] in files:
+            return path[:at]
+        at = path.find("/", at + 1)
+    under = path + "/"
+    if any(other.startswith(under) for other in files):
+        return path
+    return None
 
 
 def find_file_dir_clash(paths: Iterable[str]) -> str | None:

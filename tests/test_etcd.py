@@ -256,6 +256,44 @@ def test_unsafe_keys_exit_5_on_install_and_are_survived_by_watch(
     wait_until("watch to carry on", lambda: read_as_app(dest) == {"good": "2"}, timeout=15)
 
 
+def test_watch_events_are_checked_as_strictly_as_a_whole_read(etcd: Etcd, tmp_path: Path, watches: list[Watch]) -> None:
+    """A watched change is checked at the keys it touches only; what it refuses must still be refused."""
+    etcd.put("/app/a", "1")
+    etcd.put("/app/b", "1")
+    dest = tmp_path / "D"
+    args = ["--max-files", "4", "--max-file-size", "16", "--max-total-size", "30"]
+    watch = Watch(tmp_path, ["--source", etcd.url(), "--dest", str(dest), "--interval", "0.5", *args])
+    watches.append(watch)
+    watch.wait_ready()
+    refusals = 0.0
+    # Each change comes in one transaction, so one watch response: the first refusal is the revision's.
+    cases: list[tuple[dict[str, bytes | str], str]] = [
+        ({"/app/a/x": "2"}, "'a' is both a file and a directory"),
+        ({"/app/c/d/e": "2", "/app/c": "3"}, "'c' is both a file and a directory"),
+        ({"/app/c": "1", "/app/d": "1", "/app/e": "1"}, "more than 4"),
+        ({"/app/b": "x" * 17}, "over the per-file limit of 16"),
+        ({"/app/b": "x" * 16, "/app/c": "y" * 16}, "total size passes the limit of 30"),
+        ({"/app/c\n": "1"}, "control character"),
+    ]
+    for bad, why in cases:
+        etcd.txn(bad)
+        refusals += 1
+        wait_until(
+            f"watch to refuse {why!r}",
+            lambda: watch.metric("infantry_syncs_total", result="unsafe") >= refusals and why in watch.log(),
+            timeout=15,
+        )
+        assert watch.get("/readyz")[0] == 503
+        assert read_as_app(dest) == {"a": "1", "b": "1"}
+        for key in bad:
+            if key != "/app/b":
+                etcd.delete(key)
+        etcd.put("/app/b", "1")
+        wait_until("watch to recover", lambda: watch.get("/readyz")[0] == 200, timeout=15)
+    etcd.put("/app/b", "2")
+    wait_until("watch to carry on", lambda: read_as_app(dest) == {"a": "1", "b": "2"}, timeout=15)
+
+
 def restart_wiped(etcd: Etcd) -> None:
     """Stop etcd, delete its data, and start a brand-new, empty store on the same port."""
     etcd.stop()

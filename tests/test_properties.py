@@ -5,15 +5,27 @@ from __future__ import annotations
 import os
 import posixpath
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from infantry.errors import SettingsError
+from infantry.errors import SettingsError, UnsafeDataError
 from infantry.publish import DirectPublisher, KubeletPublisher
-from infantry.snapshot import FileEntry, Part, Snapshot, check_path, find_file_dir_clash, merge
+from infantry.snapshot import (
+    Checked,
+    FileEntry,
+    Limits,
+    Part,
+    Snapshot,
+    check_path,
+    check_revision,
+    check_whole,
+    find_file_dir_clash,
+    merge,
+)
 from tests.support import tree
 
 # Names built from the characters that matter most to path handling, plus anything else.
@@ -111,3 +123,51 @@ def test_the_destination_always_reads_as_the_last_snapshot(sequence: list[Snapsh
                 assert bool(os.stat(dest / path).st_mode & 0o100) == entry.executable
         assert sorted(os.listdir(sandbox)) == ["configs", "outside"]
         assert tree(outside) == {"canary": "untouched"}
+
+
+# Paths of a few short segments from a small alphabet, so that clashes (a file above another) come up
+# often; revisions also bring unsafe names. Small sizes and limits put many sets at a limit's edge.
+safe_path = st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3).map("/".join)
+any_path = st.one_of(safe_path, safe_path.map(lambda path: path + "/..x"), safe_path.map(lambda path: "c\n/" + path))
+content = st.binary(max_size=5)
+# Each limit is either generous or small enough to be reached, so that often one reason alone refuses.
+small_limits = st.builds(
+    Limits,
+    max_file_size=st.one_of(st.just(100), st.integers(2, 5)),
+    max_total_size=st.one_of(st.just(100), st.integers(0, 16)),
+    max_files=st.one_of(st.just(100), st.integers(1, 6)),
+)
+
+
+def _outcome(check: Callable[[], Checked]) -> tuple[str, str] | str:
+    try:
+        checked = check()
+    except UnsafeDataError:
+        return "refused"
+    return checked.snapshot.version, repr(sorted(checked.snapshot.files.items()))
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(safe_path, content, max_size=4),
+    st.dictionaries(any_path, content, max_size=4),
+    st.lists(any_path, max_size=4),
+    small_limits,
+)
+def test_a_revision_is_refused_or_kept_exactly_as_a_whole_check_would(
+    first: dict[str, bytes], second: dict[str, bytes], dropped: list[str], limits: Limits
+) -> None:
+    before = {path: FileEntry(data) for path, data in first.items()}
+    try:
+        checked = check_whole("test", limits, before)
+    except UnsafeDataError:
+        return  # only a set that passed is ever revised
+    after = dict(before)
+    after.update({path: FileEntry(data) for path, data in second.items()})
+    for path in dropped:
+        after.pop(path, None)
+    changed = set(second) | set(dropped)
+    whole = _outcome(lambda: check_whole("test", limits, after))
+    revised = _outcome(lambda: check_revision("test", limits, checked, after, changed))
+    assert revised == whole
+    event("refused" if whole == "refused" else "kept")

@@ -4,19 +4,27 @@ import io
 import os
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 
+from infantry import snapshot as snapshot_module
 from infantry import spool
 from infantry.errors import SettingsError, UnsafeDataError
 from infantry.snapshot import (
+    REVISE_NEW_PATHS,
+    Checked,
     FileEntry,
+    Files,
     Limits,
     Part,
     Snapshot,
     SnapshotBuilder,
     check_path,
+    check_revision,
+    check_whole,
+    digest,
     find_file_dir_clash,
     merge,
 )
@@ -198,3 +206,93 @@ def test_a_forked_child_never_removes_what_the_parent_spooled(tmp_path: Path) ->
     assert (tmp_path / "spool" / name).exists()
     pool.close()
     assert not (tmp_path / "spool").exists()
+
+
+# A set, a revision of it (None deletes), the limits, and whether the revised set is kept. Each case
+# sits at the edge of one check, where a sum kept wrong or a check skipped would show.
+REVISIONS = [
+    ({"a": b"1234", "b": b"1234"}, {"a": b"abcd"}, Limits(max_total_size=8), True),
+    ({"a": b"1234", "b": b"1234"}, {"a": b"abcde"}, Limits(max_total_size=8), False),
+    ({"a": b"1234"}, {"a": b"12345"}, Limits(max_file_size=5), True),
+    ({"a": b"1234"}, {"a": b"123456"}, Limits(max_file_size=5), False),
+    ({"a": b"1", "b": b"2"}, {"a": None, "c": b"3"}, Limits(max_files=2), True),
+    ({"a": b"1", "b": b"2"}, {"c": b"3"}, Limits(max_files=2), False),
+    ({"a": b"1"}, {"a": None}, Limits(), False),
+    ({"a": b"1"}, {"a/b": b"2"}, Limits(), False),
+    ({"a/b/c": b"1"}, {"a/b": b"2"}, Limits(), False),
+    ({"a/b/c": b"1"}, {"a/b/c": None, "a/b": b"2"}, Limits(), True),
+    ({"a": b"1"}, {"b/..x": b"2"}, Limits(), False),
+    ({"a": b"1"}, {"b\n": b"2"}, Limits(), False),
+    ({"aaaa": b"1", "bbbb": b"2"}, {"aaaa": None, "cccc": b"3"}, Limits(), True),
+    ({"aaaa": b"1", "bbbb": b"2"}, {"ccc": b"3"}, Limits(), False),
+]
+
+
+@pytest.mark.parametrize(("before", "revision", "limits", "kept"), REVISIONS)
+def test_a_revision_is_checked_at_its_changes_as_a_whole_check_would(
+    before: dict[str, bytes],
+    revision: dict[str, bytes | None],
+    limits: Limits,
+    kept: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(snapshot_module, "MAX_NAMES_BYTES", 10)  # paths of 4 characters reach it
+    checked = check_whole("test", limits, {path: FileEntry(data) for path, data in before.items()})
+    after = {path: FileEntry(data) for path, data in before.items()}
+    for path, data in revision.items():
+        if data is None:
+            del after[path]
+        else:
+            after[path] = FileEntry(data)
+    outcomes = []
+    checks: list[Callable[[], Checked]] = [
+        lambda: check_whole("test", limits, after),
+        lambda: check_revision("test", limits, checked, after, revision),
+    ]
+    for check in checks:
+        try:
+            outcomes.append(check().snapshot.version)
+        except UnsafeDataError:
+            outcomes.append("refused")
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[1] != "refused") == kept
+    assert outcomes[1] == "refused" or outcomes[1] == Snapshot.of(after).version
+
+
+def test_a_revision_with_many_new_paths_is_checked_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {"a": FileEntry(b"1")}
+    checked = check_whole("test", Limits(), before)
+    wholes: list[int] = []
+
+    def counted(source: str, limits: Limits, files: Mapping[str, FileEntry]) -> Checked:
+        wholes.append(len(files))
+        return check_whole(source, limits, files)
+
+    monkeypatch.setattr(snapshot_module, "check_whole", counted)
+    few = dict(before) | {f"n{i}": FileEntry(b"2") for i in range(REVISE_NEW_PATHS)}
+    check_revision("test", Limits(), checked, few, set(few) - {"a"})
+    assert wholes == []
+    many = few | {"a/b": FileEntry(b"3")}
+    with pytest.raises(UnsafeDataError, match="both a file and a directory"):
+        check_revision("test", Limits(), checked, many, set(many) - {"a"})
+    assert wholes == [len(many)]
+
+
+def test_a_draft_becomes_files_with_the_same_version_and_can_then_no_longer_change() -> None:
+    plain = {"a": FileEntry(b"1"), "x": FileEntry(b"2", executable=True), "m": FileEntry(b"3", mode=0o600)}
+    first = Snapshot.of(plain)
+    assert isinstance(first.files, Files)
+    draft = first.files.draft()
+    draft["a"] = FileEntry(b"changed")
+    draft["big"] = FileEntry(b"z" * (spool.INLINE_MAX + 1))
+    del draft["x"]
+    assert first.files["a"] == FileEntry(b"1") and "x" in first.files  # the draft is a copy
+    second = Snapshot.of(draft)
+    expected = {"a": FileEntry(b"changed"), "m": plain["m"], "big": FileEntry(b"z" * (spool.INLINE_MAX + 1))}
+    assert second.version == Snapshot.of(expected).version == digest(expected)
+    assert dict(second.files) == expected
+    with pytest.raises(TypeError):
+        draft["a"] = FileEntry(b"after")
+    with pytest.raises(TypeError):
+        del draft["m"]
+    assert second.files["a"] == FileEntry(b"changed") and "m" in second.files
