@@ -15,14 +15,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/demo/demo.py
 
-# nginx and etcd are real servers the tests talk to (etcdctl is the benchmarks' baseline); docker.io is
-# the private Docker engine the image and the compose demo run on, and mmdebstrap builds stand-ins for
-# base images no registry can give. Install them when missing and root.
+# nginx and etcd are real servers the tests talk to (etcdctl is the benchmarks' baseline); git (git daemon,
+# git http-backend) with fcgiwrap behind nginx, and openssh-server serve the git source's tests, and ssh is
+# its client for git+ssh; docker.io is the private Docker engine the image and the compose demo run on,
+# and mmdebstrap builds stand-ins for base images no registry can give. Install them when missing and root.
 system-packages:
 	@missing=""; \
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	command -v etcdctl >/dev/null 2>&1 || missing="$$missing etcd-client"; \
+	[ -x /usr/lib/git-core/git-http-backend ] || missing="$$missing git"; \
+	command -v fcgiwrap >/dev/null 2>&1 || [ -x /usr/sbin/fcgiwrap ] || missing="$$missing fcgiwrap"; \
+	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	command -v ssh >/dev/null 2>&1 || missing="$$missing openssh-client"; \
 	[ -x /usr/sbin/dockerd ] || missing="$$missing docker.io"; \
 	[ -x /usr/bin/mmdebstrap ] || missing="$$missing mmdebstrap"; \
 	if [ -n "$$missing" ]; then \

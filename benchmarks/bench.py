@@ -599,6 +599,169 @@ def _render_cost(texts: dict[str, str]) -> tuple[float, float]:
     return first, statistics.median(changes)
 
 
+# -- failover --------------------------------------------------------------------------------------
+
+
+def failover(work: Path, runs: int) -> tuple[list[Row], dict[str, float]]:
+    """Kill the member infantry watches through, put at once, and time until the app has the value.
+
+    A real three-member cluster (elections in about a second: heartbeat 100 ms, election timeout 1 s).
+    infantry runs with its defaults. The baseline is the cluster's own recovery: from the kill to that
+    put being accepted (an election first, when the member killed led). The killed member is started
+    again between runs, so every run starts from three members.
+    """
+    from tests.etcd_cluster import EtcdCluster
+
+    cluster = EtcdCluster(work / "failover-cluster")
+    cluster.start()
+    prefix = "/failover/"
+    try:
+        cluster.put(prefix + "value", "f-initial")
+        dest = work / "failover-dest"
+        app = Recorder(work / "failover-app", dest / "value")
+        log_path = work / "failover-watch.log"
+        with log_path.open("wb") as out:
+            watch = spawn(
+                [*INFANTRY, "watch", "--source", cluster.url(prefix), "--dest", str(dest),
+                 "--pid-file", str(app.pid_file), "--log-level", "info"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        ports = {member.port: index for index, member in enumerate(cluster.members)}
+
+        def connected(after: int) -> int | None:
+            lines = log_path.read_text().splitlines()[after:]
+            marks = [line.rpartition("watching through member http://127.0.0.1:")[2] for line in lines]
+            found = [ports[int(mark)] for mark in marks if mark.isdigit()]
+            return found[-1] if found else None
+
+        wait_for("infantry to watch", lambda: connected(0) is not None and dest.exists(), 60)
+        to_published: list[float] = []
+        to_accepted: list[float] = []
+        leaders = 0
+        for run in range(runs):
+            lines = len(log_path.read_text().splitlines())
+            victim = connected(0)
+            assert victim is not None
+            leaders += cluster.leader() == victim
+            value = f"f{run:03d}"
+            killed = time.time()
+            cluster.members[victim].kill()
+            cluster.put(prefix + "value", value, attempt=0.25)  # tried member after member until one takes it
+            accepted = time.time()
+            app.wait_for_value(value, timeout=60)
+            seen = {v: stamp for stamp, v in app.entries()}[value]
+            to_published.append(1000 * (seen - killed))
+            to_accepted.append(1000 * (accepted - killed))
+            log(f"failover run {run}: member {victim} killed; put accepted after {to_accepted[-1]:.0f} ms, "
+                f"published after {to_published[-1]:.0f} ms")  # fmt: skip
+            moved = functools.partial(lambda after: connected(after) is not None, lines)
+            try:
+                wait_for("infantry to watch through another member", moved, 60)
+            except TimeoutError:
+                log(log_path.read_text()[-6000:])
+                raise
+            cluster.start_member(victim)
+            cluster.wait_healthy()
+        watch.terminate()
+        watch.wait()
+        app.stop()
+    finally:
+        cluster.stop()
+    p50, accepted50 = statistics.median(to_published), statistics.median(to_accepted)
+    lag = [published - accepted for published, accepted in zip(to_published, to_accepted, strict=True)]
+    lag50 = statistics.median(lag)
+    rows = [
+        Row(f"Failover: member followed killed to next put published, p50 of {runs} ({leaders} leaders) (ms)",
+            f"{p50:.0f} (max {max(to_published):.0f})",
+            f"put accepted by the cluster {accepted50:.0f} (max {max(to_accepted):.0f})", "", ""),
+        Row("Failover: put accepted to published, p50 (ms)", f"{lag50:.0f} (max {max(lag):.0f})", "",
+            "< 1000 ms", _yes(lag50 < 1000)),
+    ]  # fmt: skip
+    return rows, {"p50": p50, "accepted_p50": accepted50, "lag_p50": lag50}
+
+
+# -- git -------------------------------------------------------------------------------------------
+
+
+def git_source(work: Path, changes: int, seconds: float) -> tuple[list[Row], dict[str, float]]:
+    """A git push to the app signalled, polling smart HTTP every second; then what an unchanged ref costs
+    per minute, beside `git fetch` in a clone and a fresh shallow clone, each once a second."""
+    import random
+
+    from tests.git_servers import GitHttp, Repo, git
+
+    repo = Repo(work / "git-repos")
+    files = {f"conf/setting_{i}.yaml": f"setting_{i}: value-{i}\n" * 20 for i in range(100)}
+    repo.commit({**files, "conf/value": "g-initial"})
+    (repo.root / "fetched.git").symlink_to(repo.bare)  # the same repository, under names told apart in the log
+    (repo.root / "cloned.git").symlink_to(repo.bare)
+    server = GitHttp(work / "git-http", repo.root)
+    server.start()
+    dest = work / "git-dest"
+    source = server.url(fragment="path=conf")
+    try:
+        subprocess.run([*INFANTRY, "install", "--source", source, "--dest", str(dest)], check=True, capture_output=True)
+        app = Recorder(work / "git-app", dest / "value")
+        watch = spawn(
+            [*INFANTRY, "watch", "--source", source, "--dest", str(dest), "--pid-file", str(app.pid_file),
+             "--interval", "1", "--wait", "0", "--log-level", "warning"]
+        )  # fmt: skip
+        time.sleep(1.5)  # the first poll is not measured
+        pushed: dict[str, float] = {}
+        phases = random.Random(13)
+        for i in range(changes):
+            value = f"g{i:03d}"
+            # Pushed at a random point of the poll interval, as a real push is, not just after a poll.
+            time.sleep(phases.uniform(0, 1))
+            repo.commit({**files, "conf/value": value})
+            pushed[value] = time.time()  # the ref has moved on the server
+            app.wait_for_value(value, timeout=15)
+        seen = {value: stamp for stamp, value in app.entries()}
+        latency = [seen[v] - t for v, t in pushed.items()]
+
+        clone = work / "git-clone"
+        git("clone", "-q", server.url(name="fetched.git").removeprefix("git+"), str(clone))
+        fetcher = spawn(["sh", "-c", f"while :; do git -C {clone} fetch -q origin; sleep 1; done"],
+                        env={**os.environ, "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"})  # fmt: skip
+        shallow = work / "git-shallow"
+        cloner = spawn(["sh", "-c", (f"while :; do rm -rf {shallow}; git clone -q --depth 1 "
+                                     f"{server.url(name='cloned.git').removeprefix('git+')} {shallow}; sleep 1; done")],
+                       env={**os.environ, "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"})  # fmt: skip
+        time.sleep(3)  # start-up is not steady state
+        start = len(server.requests())
+        started = time.monotonic()
+        time.sleep(seconds)
+        minutes = (time.monotonic() - started) / 60
+        rss = rss_kib(watch.pid) / 1024
+        rows_seen = server.requests()[start:]
+        for proc in (fetcher, cloner, watch):
+            proc.terminate()
+            proc.wait()
+        app.stop()
+    finally:
+        server.stop()
+
+    def cost(name: str) -> tuple[float, float]:
+        mine = [r for r in rows_seen if r[3].startswith(f"/open/{name}/")]
+        return sum(int(r[4]) + int(r[5]) for r in mine) / minutes, len(mine) / minutes
+
+    polled, polls = cost("repo.git")
+    fetched, fetches = cost("fetched.git")
+    cloned, clones = cost("cloned.git")
+    p50 = statistics.median(latency)
+    rows = [
+        Row(f"git push to app signalled, polling every 1 s, {changes} pushes: median (s)",
+            f"{p50:.2f} (max {max(latency):.2f})", "none run; expected half an interval plus a fetch", "< 1.5 s",
+            _yes(p50 < 1.5)),
+        Row(f"git poll, unchanged ref, {seconds:.0f} s: bytes per minute (both ways, headers included)",
+            f"{polled:,.0f} ({polls:.0f} requests/min)",
+            f"git fetch in a clone {fetched:,.0f} ({fetches:.0f}/min); fresh shallow clone {cloned:,.0f} "
+            f"({clones:.0f}/min)", "no pack when nothing moved", _yes(polled <= fetched * 1.5)),
+        Row("git polling watch (100 files): RSS (MiB)", f"{rss:.1f}", "", "", ""),
+    ]  # fmt: skip
+    return rows, {"git_p50": p50, "git_bytes_per_min": polled}
+
+
 def _ready(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
@@ -653,7 +816,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="repeats of each cold start")
     parser.add_argument(
         "--only",
-        choices=("propagation", "install", "scale", "templates", "memory", "idle"),
+        choices=("propagation", "install", "scale", "templates", "memory", "idle", "failover", "git"),
         help="run one phase (for development)",
     )
     args = parser.parse_args()
@@ -673,6 +836,8 @@ def main() -> int:
                 ("templates", lambda: templates(etcd, work, 20)),
                 ("memory", lambda: memory(etcd, nginx, work)),
                 ("idle", lambda: idle_and_poll(etcd, nginx, work, args.idle_seconds)),
+                ("failover", lambda: failover(work, 2 * args.runs)),
+                ("git", lambda: git_source(work, 20, min(args.idle_seconds, 30))),
             ]
             for name, phase in phases:
                 if args.only in (None, name):

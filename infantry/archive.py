@@ -22,24 +22,11 @@ import struct
 import tarfile
 import zipfile
 import zlib
-from typing import Any, BinaryIO, Literal, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
-from infantry.snapshot import FileEntry, Limits, SnapshotBuilder, printable
+from infantry.archive_names import ArchiveKind, inflate_cap, member_cap
+from infantry.snapshot import FileEntry, SnapshotBuilder, printable
 from infantry.spool import Blob
-
-ArchiveKind = Literal["tar", "tar.gz", "zip"]
-
-
-def archive_kind(name: str) -> ArchiveKind | None:
-    """The archive kind a file name says, or None for a plain document."""
-    lowered = name.lower()
-    if lowered.endswith((".tar.gz", ".tgz")):
-        return "tar.gz"
-    if lowered.endswith(".tar"):
-        return "tar"
-    if lowered.endswith(".zip"):
-        return "zip"
-    return None
 
 
 def _member_name(name: str) -> str | None:
@@ -48,16 +35,6 @@ def _member_name(name: str) -> str | None:
         name = name[2:]
     name = name.rstrip("/")
     return None if name in ("", ".") else name
-
-
-def member_cap(limits: Limits) -> int:
-    """The most members an archive may hold, directories included."""
-    return 2 * limits.max_files
-
-
-def inflate_cap(limits: Limits) -> int:
-    """The most bytes an archive may inflate to: the content limit plus per-member header room."""
-    return limits.max_total_size + 1024 * member_cap(limits)
 
 
 class _CappedReader(io.RawIOBase):

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import yaml
 
-from infantry import __version__, logs, memory
+from infantry import __version__, logs, memory, options
 from infantry.errors import CheckFailed, InfantryError, PublishError, SettingsError, SourceError, UnsafeDataError
 from infantry.settings import Settings, child_environment, load_settings
 
@@ -30,112 +29,97 @@ EXIT_CODES: tuple[tuple[type[InfantryError], int], ...] = (
     (InfantryError, 1),
 )
 
-COMMON = (
-    "source",
-    "dest",
-    "template",
-    "raw",
-    "template_env",
-    "render_timeout",
-    "config",
-    "layout",
-    "file_mode",
-    "max_file_size",
-    "max_total_size",
-    "max_files",
-    "check",
-    "check_timeout",
-    "publish_timeout",
-    "request_timeout",
-    "interval",
-    "header",
-    "bearer_token_file",
-    "username",
-    "password_file",
-    "ca_file",
-    "client_cert",
-    "client_key",
-    "log_format",
-    "log_level",
-)
-INSTALL = (*COMMON, "timeout", "fallback")
-# render fetches and renders as install does, and writes nothing: no destination is checked at start.
-RENDER = tuple(name for name in (*COMMON, "timeout") if name not in ("dest", "layout", "file_mode", "publish_timeout"))
-WATCH = (
-    *COMMON,
-    "watch_timeout",
-    "wait",
-    "stale_after",
-    "signal",
-    "process",
-    "pid_file",
-    "reload_url",
-    "reload_method",
-    "reload_timeout",
-    "verify_url",
-    "verify_cmd",
-    "verify_timeout",
-    "exec",
-    "exec_timeout",
-    "listen",
-)
-
-INJECT = (
-    "file",
-    "source",
-    "image",
-    "mount_path",
-    "containers",
-    "process",
-    "signal",
-    "reload_url",
-    "install_only",
-    "cpu",
-    "memory",
-    "run_as_same_user",
-    "annotate_only",
-    "config",
-    "log_format",
-    "log_level",
-)
-WEBHOOK = (
-    "listen",
-    "tls_cert_file",
-    "tls_key_file",
-    "image",
-    "mount_path",
-    "mode",
-    "cpu",
-    "memory",
-    "config",
-    "log_format",
-    "log_level",
-)
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 SHORT = {"file": "-f"}
+# Commands whose start is logged with the settings they run with (status and inject print their output).
+STARTS_LOGGED = ("install", "watch", "render", "webhook")
 
 
-def setting_options(names: tuple[str, ...]) -> Callable[[F], F]:
-    """Click options for the named settings, with help taken from the settings model."""
+class GroupedOption(click.Option):
+    """An option shown under a heading of its command's help (see GroupedCommand)."""
+
+    def __init__(self, *args: Any, group: str = "Options", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+
+class GroupedCommand(click.Command):
+    """A command whose help lists its options under headings (Sources, Destination, Reload…), in the
+    order of options.GROUPS, then its examples."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                sections.setdefault(getattr(param, "group", "Options"), []).append(record)
+        order = ["Options", *(group for group, _ in options.GROUPS)]
+        for group in sorted(sections, key=lambda g: order.index(g) if g in order else len(order)):
+            with formatter.section(group):
+                formatter.write_dl(sections[group])
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        examples = EXAMPLES.get(self.name or "", ())
+        if examples:
+            with formatter.section("Examples"):
+                for line in examples:
+                    formatter.write(f"  {line}\n")  # as it is, to copy: never wrapped
+
+
+# Two or three examples per command, shown at the end of its help.
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "install": (
+        "infantry install --source https://config.example.com/app/bundle.tar.gz --dest /configs --timeout 60",
+        "infantry install --source etcd://etcd:2379/app/ --fallback /defaults --check 'nginx -t -p'",
+        "infantry install --config /etc/infantry/config.yaml",
+    ),
+    "watch": (
+        "infantry watch --source etcd://etcd:2379/app/ --process nginx --signal HUP --listen 0.0.0.0:8086",
+        "infantry watch --source https://config.example.com/app.yaml --interval 30 --reload-url "
+        "http://127.0.0.1:8080/-/reload",
+        "infantry watch --config /etc/infantry/config.yaml --wait 0.5:5 --verify-url http://127.0.0.1:8080/healthz",
+    ),
+    "render": (
+        "infantry render --source etcd://etcd:2379/app/ --template /etc/infantry/nginx.conf.j2:nginx.conf",
+        "infantry render --config /etc/infantry/config.yaml --diff /configs",
+    ),
+    "status": (
+        "infantry status --dest /configs",
+        "infantry status --dest /configs --json",
+    ),
+    "inject": (
+        "infantry inject -f deploy.yaml --source etcd://etcd:2379/app/ --process nginx | kubectl apply -f -",
+        "infantry inject -f deploy.yaml --source etcd://etcd:2379/app/ --native",
+        "infantry inject -f deploy.yaml --source etcd://etcd:2379/app/ --annotate-only",
+    ),
+    "webhook": (
+        "infantry webhook --tls-cert-file /tls/tls.crt --tls-key-file /tls/tls.key",
+        "infantry webhook --tls-cert-file /tls/tls.crt --tls-key-file /tls/tls.key --mode native --listen 0.0.0.0:9443",
+    ),
+}
+
+
+def setting_options(command: str) -> Callable[[F], F]:
+    """Click options for the settings ``command`` takes, with help taken from the settings model."""
 
     def decorate(func: F) -> F:
-        for name in reversed(names):
+        # click shows options in the order they are declared: declared last first, in the groups' order.
+        for name in sorted(options.COMMANDS[command], key=options.ORDER.index, reverse=True):
             info = Settings.model_fields[name]
             declarations = [f"--{name.replace('_', '-')}", name, *([SHORT[name]] if name in SHORT else [])]
-            help_text = (info.description or "") + f"  [env: INFANTRY_{name.upper()}]"
+            kwargs: dict[str, Any] = {
+                "cls": GroupedOption,
+                "group": options.GROUP_OF.get(name, "Options"),
+                "default": None,
+                "help": options.help_text(command, name),
+            }
             if info.annotation is bool:
-                func = click.option(*declarations, is_flag=True, default=None, help=help_text)(func)
+                func = click.option(*declarations, is_flag=True, **kwargs)(func)
             else:
-                func = click.option(
-                    *declarations,
-                    multiple=name in ("source", "header", "template"),
-                    default=None,
-                    metavar=name.upper(),
-                    help=help_text,
-                )(func)
+                multiple = name in ("source", "header", "template")
+                func = click.option(*declarations, multiple=multiple, metavar=options.metavar(name), **kwargs)(func)
         return func
 
     return decorate
@@ -167,6 +151,15 @@ def _run(
         logger.error("%s", _one_line(exc))
         sys.exit(2)
     logs.configure(settings.log_format, settings.log_level)
+    command = click.get_current_context().info_name or ""
+    if command in STARTS_LOGGED:
+        logger.info(
+            "infantry %s %s: %s",
+            __version__,
+            command,
+            options.changed(command, settings),
+            extra=logs.fields(event="start", settings=options.effective(command, settings)),
+        )
     try:
         code = asyncio.run(job(settings))
     except InfantryError as exc:
@@ -185,8 +178,8 @@ def main() -> None:
     memory.one_arena()
 
 
-@main.command()
-@setting_options(INSTALL)
+@main.command(cls=GroupedCommand, short_help="Fetch the configuration once into --dest, then exit (an initContainer).")
+@setting_options("install")
 def install(**given: Any) -> None:
     """Fetch the configuration once into --dest, then exit (an initContainer)."""
 
@@ -198,12 +191,20 @@ def install(**given: Any) -> None:
         await run_install(settings, child_environment())
         return 0
 
-    _run(given, job, INSTALL)
+    _run(given, job, options.INSTALL)
 
 
-@main.command()
-@click.option("--diff", "diff", metavar="DEST", default=None, help="Show a unified diff from what DEST holds.")
-@setting_options(RENDER)
+@main.command(cls=GroupedCommand, short_help="Fetch once, render the templates, and print the set; write nothing.")
+@click.option(
+    "--diff",
+    "diff",
+    metavar="DEST",
+    default=None,
+    cls=GroupedOption,
+    group="Destination",
+    help="Show a unified diff from what DEST holds (files and modes), instead of the set.",
+)
+@setting_options("render")
 def render(diff: str | None, **given: Any) -> None:
     """Fetch once, render the templates, and print the set install would publish; writes nothing."""
 
@@ -213,11 +214,13 @@ def render(diff: str | None, **given: Any) -> None:
         await run_render(settings, child_environment(), Path(diff) if diff else None, sys.stdout.buffer)
         return 0
 
-    _run(given, job, RENDER)
+    _run(given, job, options.RENDER)
 
 
-@main.command()
-@setting_options(WATCH)
+@main.command(
+    cls=GroupedCommand, short_help="Keep --dest in step with the sources; tell the app to reload (a sidecar)."
+)
+@setting_options("watch")
 def watch(**given: Any) -> None:
     """Keep --dest in step with the sources and tell the app to reload (a sidecar)."""
 
@@ -239,23 +242,55 @@ def watch(**given: Any) -> None:
                 server = HealthServer(host or "0.0.0.0", int(port), watcher.report, watcher.metrics)
             except OSError as exc:
                 raise SettingsError(f"listen: cannot listen on {settings.listen}: {exc.strerror}") from exc
-            logger.info("serving /healthz, /readyz, /status and /metrics on %s", settings.listen)
+            address = server.address
+            logger.info(
+                "serving /healthz, /readyz, /configured, /status and /metrics on %s",
+                address,
+                extra=logs.fields(event="listening", address=address),
+            )
         await watcher.run(stop, server)
         logger.info("stopped")
         return 0
 
-    _run(given, job, WATCH)
+    _run(given, job, options.WATCH)
 
 
-@main.command()
-@click.option("--native/--classic", "native", default=None, help="Inject a native sidecar, or install + sidecar.")
-@setting_options(INJECT)
+@main.command(cls=GroupedCommand, short_help="Show what --dest holds, and whether it is whole (exit 0) or not (1).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rather than text.")
+@setting_options("status")
+def status(as_json: bool, **given: Any) -> None:
+    """Show what --dest holds: the live set, the one kept for rollback, and whether the layout is whole.
+
+    It only reads the destination. Exit code 0 when the layout is whole, 1 when it is not, so it works
+    as an exec probe.
+    """
+
+    async def job(settings: Settings) -> int:
+        from infantry.status import run_status
+
+        return run_status(settings.dest, settings.file_mode, as_json)
+
+    _run(given, job)
+
+
+@main.command(cls=GroupedCommand, short_help="Add infantry to the workloads in Kubernetes YAML; write the YAML out.")
+@click.option(
+    "--native/--classic",
+    "native",
+    default=None,
+    cls=GroupedOption,
+    group="Injection",
+    help="A native sidecar (an initContainer with restartPolicy: Always), or install + sidecar.  [default: classic]",
+)
+@setting_options("inject")
 def inject(native: bool | None, **given: Any) -> None:
     """Add infantry to the workloads in Kubernetes YAML (-f FILE, or standard input); write YAML out."""
     if native is not None:
         given["mode"] = "native" if native else "classic"
 
     async def job(settings: Settings) -> int:
+        import yaml
+
         from infantry.inject import inject_document, read_documents
 
         documents = read_documents(settings.file, sys.stdin)
@@ -274,8 +309,8 @@ def _warn(message: str) -> None:
     logger.warning("%s", message)
 
 
-@main.command()
-@setting_options(WEBHOOK)
+@main.command(cls=GroupedCommand, short_help="Serve the mutating admission webhook that injects infantry (HTTPS).")
+@setting_options("webhook")
 def webhook(**given: Any) -> None:
     """Serve the mutating admission webhook that injects infantry into opted-in pods (HTTPS only)."""
 
@@ -285,7 +320,8 @@ def webhook(**given: Any) -> None:
         await asyncio.to_thread(serve, settings, _stop_event())
         return 0
 
-    _run(given, job, WEBHOOK)
+    # Only the webhook's own files are looked for: the settings it passes on name files in the pods.
+    _run(given, job, ("tls_cert_file", "tls_key_file"))
 
 
 def _stop_event() -> threading.Event:

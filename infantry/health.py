@@ -16,9 +16,10 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +34,15 @@ BACKLOG = 128
 
 
 class Metrics:
-    """The counters and gauges infantry reports, on their own registry."""
+    """The counters and gauges infantry reports, on their own registry.
+
+    prometheus_client is imported when one is made: `watch` makes one only with --listen (see
+    NullMetrics), so a sidecar nobody scrapes does not load it.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = registry if registry is not None else CollectorRegistry()
         self.syncs = Counter(
             "infantry_syncs", "Round trips to a source, by result.", ["result"], registry=self.registry
@@ -92,16 +99,49 @@ class Metrics:
             ["template"],
             registry=self.registry,
         )
+        self.git_commit = Gauge(
+            "infantry_git_commit_info",
+            "The commit each git source's live content was read at.",
+            ["sha"],
+            registry=self.registry,
+        )
         for result in ("changed", "unchanged", "error", "unsafe"):
             self.syncs.labels(result)
         for result in ("published", "rejected", "error", "timeout"):
             self.publishes.labels(result)
+
+    def set_commits(self, shas: list[str]) -> None:
+        """Report ``shas`` as the commits of the live content, and no other."""
+        self.git_commit.clear()
+        for sha in shas:
+            self.git_commit.labels(sha).set(1)
 
     def set_version(self, version: str, files: int) -> None:
         """Report ``version`` as the live snapshot."""
         self.snapshot.clear()
         self.snapshot.labels(version).set(1)
         self.files.set(files)
+
+
+class _Forgets:
+    """An instrument nobody reads: every call is accepted, and forgotten."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self
+
+
+class NullMetrics(Metrics):
+    """Metrics with nowhere to be read (`watch` without --listen): the same instruments, forgetting."""
+
+    def __init__(self) -> None:  # no registry, and no prometheus_client
+        forgets: Any = _Forgets()
+        self.registry = forgets
+        self.syncs = self.publishes = self.reloads = self.rollbacks = self.repairs = self.render_errors = forgets
+        self.last_sync = self.snapshot = self.files = self.fallback = self.bad_version = forgets
+        self.in_sync = self.git_commit = self.propagation = forgets
 
 
 @dataclass(frozen=True)
@@ -125,6 +165,12 @@ class HealthServer:
         self._metrics = metrics
         # Every open connection, oldest first; True while its request head has not arrived whole.
         self._open: dict[asyncio.StreamWriter, bool] = {}
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` the server is bound to: the port the kernel chose, when 0 was asked for."""
+        host, port = self._socket.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def serve(self) -> None:
         """Serve until cancelled, then close the socket.
@@ -209,10 +255,16 @@ class HealthServer:
             return 400, b"bad request\n", _TEXT
         path = parts[1].split(b"?", 1)[0]
         if path == b"/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
             return 200, generate_latest(self._metrics.registry), CONTENT_TYPE_LATEST
-        if path not in (b"/healthz", b"/readyz", b"/status"):
+        if path not in (b"/healthz", b"/readyz", b"/status", b"/configured"):
             return 404, b"not found\n", _TEXT
         report = self._report()
+        if path == b"/configured":
+            if report.status.get("live") is not None:
+                return 200, b"a set is live\n", _TEXT
+            return 503, b"no set is live in the destination yet\n", _TEXT
         if path == b"/status":
             return 200, json.dumps(report.status, indent=2, sort_keys=True).encode() + b"\n", "application/json"
         if path == b"/healthz":

@@ -16,9 +16,20 @@ from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
 
 import yaml
+from pydantic import ByteSize, ValidationError
 
+from infantry import options as commands
 from infantry.errors import InvalidAnnotation, SettingsError
-from infantry.settings import SCHEMES, Settings, load_settings, redact_url
+from infantry.settings import (
+    SCHEMES,
+    Origins,
+    Settings,
+    Wait,
+    describe_validation_error,
+    env_name,
+    read_environment,
+    redact_url,
+)
 
 PREFIX = "infantry.dev/"
 INJECT = PREFIX + "inject"
@@ -26,11 +37,25 @@ STATUS = PREFIX + "status"
 VOLUME = "infantry-configs"
 INSTALL = "infantry-install"
 WATCH = "infantry-watch"
+SECRET_VOLUME = "infantry-secret"  # noqa: S105  (a volume name)
+CONFIG_VOLUME = "infantry-config"
+SECRET_PATH = "/var/run/secrets/infantry"  # noqa: S105  (a mount path)
+CONFIG_DIR = "/etc/infantry"
+CONFIG_FILE = CONFIG_DIR + "/infantry.yaml"
 HEALTH_PORT = 8086
+# The settings passed on as they are, by their annotation keys: install's and watch's (options.POD), and
+# the log settings, which inject and the webhook take for their own logging and so only as annotations.
+PASSED_ON = (*commands.POD, "log_format", "log_level")
 OPTION_KEYS = (
     "source", "mount-path", "containers", "signal", "process", "reload-url", "mode", "install-only",
-    "image", "cpu", "memory", "run-as-same-user",
+    "image", "cpu", "memory", "run-as-same-user", "health-port", "secret", "config-map", "secret-source",
+    *(name.replace("_", "-") for name in PASSED_ON),
 )  # fmt: skip
+MAX_VALUE_CHARS = 4096
+_FILE_SETTINGS = ("fallback", "bearer_token_file", "password_file", "ca_file", "client_cert", "client_key",
+                  "ssh_key_file", "ssh_known_hosts")  # fmt: skip
+_LISTS = ("source", "containers", "header", "template", "raw")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 POD_TEMPLATE_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job")
 INSTALL_ONLY_KINDS = ("Job", "CronJob")
 MAX_INPUT_BYTES = 8 << 20
@@ -58,6 +83,12 @@ class InjectOptions:
     cpu: str = "10m"
     memory: str = "128Mi"
     run_as_same_user: bool = False
+    health_port: int = HEALTH_PORT
+    secret: str | None = None
+    config_map: str | None = None
+    secret_source: bool = False
+    passed_on: tuple[tuple[str, str], ...] = ()
+    """Settings passed on to the containers: (name, the value of its ``INFANTRY_*`` variable), in PASSED_ON order."""
 
 
 def opted_in(labels: Mapping[str, str], annotations: Mapping[str, str]) -> bool | None:
@@ -83,12 +114,51 @@ def option_values(settings: Settings, *, only_set: bool) -> dict[str, str]:
         "signal": settings.signal,
         "process": settings.process or "",
         "reload-url": settings.reload_url or "",
+        "health-port": str(settings.health_port),
+        "secret": settings.secret or "",
+        "config-map": settings.config_map or "",
+        "secret-source": str(settings.secret_source).lower(),
     }
+    given_names = settings.model_fields_set
+    for name in commands.POD:
+        if name in given_names:  # the others are left to the containers' own defaults, which are the same
+            values[name.replace("_", "-")] = _setting_text(name, getattr(settings, name))
     if not only_set:
         values["signal"] = ""  # HUP is the default only once a process is named
         return {key: value for key, value in values.items() if value}
     given = {name.replace("_", "-") for name in settings.model_fields_set}
     return {key: value for key, value in values.items() if key in given and value}
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def _setting_text(name: str, value: Any) -> str:
+    """A setting's value as its ``INFANTRY_*`` variable holds it."""
+    if value is None:
+        return ""
+    if isinstance(value, Wait):
+        return f"{_number(value.min)}:{_number(value.max)}"
+    if isinstance(value, ByteSize):
+        return str(int(value))
+    if name == "file_mode":
+        return f"{value:04o}"
+    if isinstance(value, float):
+        return _number(value)
+    if name == "template":
+        for template in value:
+            if template.mode is not None or template.missing != "error":
+                raise SettingsError(
+                    f"template: {template.dest}: a template with a mode or a missing rule cannot be passed on "
+                    "as SRC:DEST; put it in the config file (see config-map)"
+                )
+        return " ".join(f"{template.src}:{template.dest}" for template in value)
+    if name == "raw":
+        return " ".join(value)
+    if isinstance(value, list):
+        return "\n".join(str(item) for item in value)
+    return str(value)
 
 
 def annotation_values(annotations: Mapping[str, str]) -> dict[str, str]:
@@ -108,9 +178,22 @@ def parse_options(values: Mapping[str, str], *, install_only_kind: bool = False)
             raise bad(key, f"expected true or false, got {values[key]!r}")
         return _TRUE_FALSE[raw]
 
+    for key, value in values.items():
+        if len(value) > MAX_VALUE_CHARS:
+            raise bad(key, f"the value is longer than {MAX_VALUE_CHARS} characters")
+        one_line = value.replace("\n", " ") if key in _LISTS else value
+        if not one_line.isprintable():
+            raise bad(key, "the value holds a line break or another control character")
+    config_map = values.get("config-map") or None
+    secret = values.get("secret") or None
+    for key, name, kind in (("secret", secret, "Secret"), ("config-map", config_map, "ConfigMap")):
+        if name is not None and (len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name)):
+            raise bad(
+                key, f"expected the name of a {kind} (lower-case letters, digits, '-' and '.'), got {name[:80]!r}"
+            )
     sources = tuple(values.get("source", "").replace(",", " ").split())
-    if not sources:
-        raise bad("source", "at least one source URL is required")
+    if not sources and config_map is None:
+        raise bad("source", "at least one source URL is required (or a config file, with infantry.dev/config-map)")
     for url in sources:
         if _scheme(url) not in SCHEMES:
             raise bad("source", f"unsupported source URL {_shown_url(url)} (supported schemes: {', '.join(SCHEMES)})")
@@ -131,6 +214,24 @@ def parse_options(values: Mapping[str, str], *, install_only_kind: bool = False)
         raise bad("image", f"expected an image reference, got {image!r}")
     if values.get("signal") and not values.get("process"):
         raise bad("signal", "a signal needs infantry.dev/process to say which process gets it")
+    port = values.get("health-port", str(HEALTH_PORT))
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535):
+        raise bad("health-port", f"expected a port from 1 to 65535, or 0 for none, got {port[:20]!r}")
+    for key, path in (("secret", SECRET_PATH), ("config-map", CONFIG_DIR)):
+        here = mount_path.rstrip("/")
+        if values.get(key) and (here == path or path.startswith(here + "/") or here.startswith(path + "/")):
+            raise bad("mount-path", f"{here} overlaps {path}, where infantry.dev/{key} is mounted")
+    passed_on = []
+    for name in PASSED_ON:
+        value = values.get(name.replace("_", "-"), "")
+        if not value:
+            continue
+        if name in _FILE_SETTINGS and not value.startswith("/"):
+            raise bad(
+                name.replace("_", "-"),
+                f"expected an absolute path in infantry's container, like {SECRET_PATH}/token, got {value[:80]!r}",
+            )
+        passed_on.append((name, " ".join(value.split()) if name in ("template", "raw") else value))
     options = InjectOptions(
         sources=sources,
         image=image,
@@ -144,6 +245,11 @@ def parse_options(values: Mapping[str, str], *, install_only_kind: bool = False)
         cpu=values.get("cpu", "10m"),
         memory=values.get("memory", "128Mi"),
         run_as_same_user=flag("run-as-same-user"),
+        health_port=int(port),
+        secret=secret,
+        config_map=config_map,
+        secret_source=flag("secret-source"),
+        passed_on=tuple(passed_on),
     )
     _check_with_settings(options)
     return options
@@ -162,41 +268,78 @@ def _shown_url(url: str) -> str:
     return repr(redact_url(url))
 
 
-_ENV_TO_KEY = {
-    "INFANTRY_SOURCE": "source",
-    "INFANTRY_DEST": "mount-path",
-    "INFANTRY_SIGNAL": "signal",
-    "INFANTRY_PROCESS": "process",
-    "INFANTRY_RELOAD_URL": "reload-url",
+# The setting each variable infantry sets stands for, by its annotation key.
+_KEY_OF = {
+    "source": "source",
+    "dest": "mount-path",
+    "signal": "signal",
+    "process": "process",
+    "reload_url": "reload-url",
+    "listen": "health-port",
+    **{name: name.replace("_", "-") for name in PASSED_ON},
 }
 
 
 def _check_with_settings(options: InjectOptions) -> None:
-    """The injected containers' settings must be ones infantry itself accepts."""
+    """The injected containers' settings must be ones infantry itself accepts.
+
+    The config file, if any, is in the ConfigMap: it is read when the containers start.
+    """
+    env = {**_watch_env(options), **_passed_on(options, PASSED_ON)}
+    env.pop(env_name("config"), None)
     try:
-        load_settings({}, _watch_env(options))
-    except SettingsError as exc:
+        Settings(**read_environment(env))
+    except ValidationError as exc:
+        loc = exc.errors(include_url=False, include_input=False, include_context=False)[0]["loc"]
+        text = describe_validation_error(exc, Origins())
+        key = _KEY_OF.get(str(loc[0])) if loc else None
+        if key is not None:
+            text = text.removeprefix(f"{str(loc[0]).replace('_', '-')}: ")
+        if key is None:  # a rule across settings ("client-cert and client-key go together"): the first named
+            named = [(text.find(k), k) for k in _KEY_OF.values() if k in text]
+            key = min(named)[1] if named else "source"
+            text = text.removeprefix("settings: ")
+    except SettingsError as exc:  # a variable the environment reader could not decode
         text = str(exc)
-        key = next((k for var, k in _ENV_TO_KEY.items() if var in text), "source")
-        # The settings quote what they refuse; a URL's password or query string must not travel on.
-        for url in [*options.sources, *([options.reload_url] if options.reload_url else [])]:
-            text = text.replace(url, _shown_url(url)[1:-1]).replace(repr(url)[1:-1], _shown_url(url)[1:-1])
-        raise InvalidAnnotation(PREFIX + key, text) from None
+        key = next((k for name, k in _KEY_OF.items() if env_name(name) in text), "source")
+    else:
+        return
+    # The settings quote what they refuse; a URL's password or query string must not travel on.
+    for url in [*options.sources, *([options.reload_url] if options.reload_url else [])]:
+        text = text.replace(url, _shown_url(url)[1:-1]).replace(repr(url)[1:-1], _shown_url(url)[1:-1])
+    raise InvalidAnnotation(PREFIX + key, text) from None
+
+
+def _passed_on(options: InjectOptions, command: tuple[str, ...]) -> dict[str, str]:
+    env = {env_name("config"): CONFIG_FILE} if options.config_map else {}
+    env.update((env_name(name), value) for name, value in options.passed_on if name in command)
+    return env
 
 
 def _install_env(options: InjectOptions) -> dict[str, str]:
-    return {"INFANTRY_SOURCE": " ".join(options.sources), "INFANTRY_DEST": options.mount_path}
+    env = {env_name("source"): " ".join(options.sources)} if options.sources else {}
+    env[env_name("dest")] = options.mount_path
+    return env
 
 
 def _watch_env(options: InjectOptions) -> dict[str, str]:
     env = _install_env(options)
-    env["INFANTRY_LISTEN"] = f"0.0.0.0:{HEALTH_PORT}"
+    if options.health_port:
+        env["INFANTRY_LISTEN"] = f"0.0.0.0:{options.health_port}"
     if options.process:
         env["INFANTRY_PROCESS"] = options.process
         env["INFANTRY_SIGNAL"] = options.signal or "HUP"
     if options.reload_url:
         env["INFANTRY_RELOAD_URL"] = options.reload_url
     return env
+
+
+def _install_env_all(options: InjectOptions) -> dict[str, str]:
+    return {**_install_env(options), **_passed_on(options, commands.INSTALL)}
+
+
+def _watch_env_all(options: InjectOptions) -> dict[str, str]:
+    return {**_watch_env(options), **_passed_on(options, commands.WATCH)}
 
 
 def _security_context(options: InjectOptions, spec: Json, targets: list[Json]) -> Json:
@@ -228,7 +371,7 @@ def _container(name: str, args: list[str], env: Mapping[str, str], options: Inje
         "image": options.image,
         "args": args,
         "env": [{"name": key, "value": value} for key, value in env.items()],
-        "volumeMounts": [{"name": VOLUME, "mountPath": options.mount_path}],
+        "volumeMounts": _own_mounts(options),
         "resources": {
             "requests": {"cpu": options.cpu, "memory": options.memory},
             "limits": {"memory": options.memory},
@@ -237,12 +380,26 @@ def _container(name: str, args: list[str], env: Mapping[str, str], options: Inje
     }
 
 
+def _own_mounts(options: InjectOptions) -> list[Json]:
+    mounts: list[Json] = [{"name": VOLUME, "mountPath": options.mount_path}]
+    if options.secret:
+        mounts.append({"name": SECRET_VOLUME, "mountPath": SECRET_PATH, "readOnly": True})
+    if options.config_map:
+        mounts.append({"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True})
+    return mounts
+
+
 def _with_probes(container: Json, options: InjectOptions, *, startup: bool) -> Json:
-    container["ports"] = [{"name": "infantry-health", "containerPort": HEALTH_PORT}]
-    container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": HEALTH_PORT}, "periodSeconds": 10,
-                                  "failureThreshold": 6}  # fmt: skip
-    # No readinessProbe: a sidecar's readiness gates the pod's, and a change being published (or refused
-    # by the check) must not take a serving pod out of its Service. /readyz is for dashboards and alerts.
+    port = options.health_port
+    if port:
+        container["ports"] = [{"name": "infantry-health", "containerPort": port}]
+        container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 10,
+                                      "failureThreshold": 6}  # fmt: skip
+        # A sidecar's readiness gates the pod's. It says "a set is live", not /readyz's "in step with
+        # the store": a bad change in the store, refused by every pod's check, must not take every pod
+        # out of its Services while each serves its last good set.
+        container["readinessProbe"] = {"httpGet": {"path": "/configured", "port": port}, "periodSeconds": 10,
+                                       "failureThreshold": 3}  # fmt: skip
     if startup:
         check = f"import os, sys; sys.exit(not os.path.exists({options.mount_path + '/..data'!r}))"
         container["startupProbe"] = {"exec": {"command": ["python", "-c", check]}, "periodSeconds": 1,
@@ -329,7 +486,7 @@ def labels_and_annotations(metadata: Any, at: str) -> tuple[dict[str, str], dict
 
 
 _ARGS = {INSTALL: ["install"], WATCH: ["watch"]}
-_MARKER_ENV = {"INFANTRY_SOURCE", "INFANTRY_DEST"}
+_MARKER_ENV = ("INFANTRY_DEST", ("INFANTRY_SOURCE", "INFANTRY_CONFIG"))
 
 
 def _recorded(annotations: Mapping[str, str]) -> dict[str, Any]:
@@ -366,7 +523,8 @@ def _is_injected(container: Json, repository: str | None) -> bool:
         container.get("args") == _ARGS.get(container["name"])
         and repository is not None
         and _repository(container.get("image")) == repository
-        and _MARKER_ENV.issubset(env_names)
+        and _MARKER_ENV[0] in env_names
+        and any(name in env_names for name in _MARKER_ENV[1])
         and any(m.get("name") == VOLUME for m in mounts)
     )
 
@@ -395,9 +553,11 @@ def _remove_injected(spec: Json, annotations: Mapping[str, str]) -> Json:
     if not removed:
         return spec
     volumes = spec.get("volumes") or []
-    ours = [v["name"] == VOLUME and set(v) == {"name", "emptyDir"} for v in volumes]
-    if VOLUME in _names(status, "volumes") and any(ours):
+    listed = _names(status, "volumes")
+    ours = [v["name"] in listed and _is_own_volume(v) for v in volumes]
+    if any(ours):
         spec["volumes"] = [v for v, is_ours in zip(volumes, ours, strict=True) if not is_ours]
+    if any(is_ours and v["name"] == VOLUME for v, is_ours in zip(volumes, ours, strict=True)):
         mounted = _names(status, "mounts")
         for container in [*(spec.get("initContainers") or []), *spec["containers"]]:
             if container["name"] in mounted and container.get("volumeMounts"):
@@ -409,7 +569,18 @@ def _remove_injected(spec: Json, annotations: Mapping[str, str]) -> Json:
     return spec
 
 
-def _refuse_clashes(spec: Json, at: str) -> None:
+def _is_own_volume(volume: Json) -> bool:
+    """True if ``volume`` is shaped exactly as infantry adds it under its name (its source aside)."""
+    shapes = {VOLUME: ("emptyDir", None), SECRET_VOLUME: ("secret", "secretName"), CONFIG_VOLUME: ("configMap", "name")}
+    if volume["name"] not in shapes:
+        return False
+    field, name_field = shapes[volume["name"]]
+    if set(volume) != {"name", field}:
+        return False
+    return name_field is None or (isinstance(volume[field], dict) and set(volume[field]) == {name_field})
+
+
+def _refuse_clashes(spec: Json, at: str, options: InjectOptions) -> None:
     """What is left of infantry's names belongs to the app: injecting would make a pod with two of them."""
     for field in ("initContainers", "containers"):
         for i, container in enumerate(spec.get(field) or []):
@@ -418,11 +589,34 @@ def _refuse_clashes(spec: Json, at: str) -> None:
                     f"{at}.{field}[{i}]: the pod already has a container named {container['name']}, a name "
                     "infantry adds; rename it"
                 )
+    added = _added_volumes(options)
     for i, volume in enumerate(spec.get("volumes") or []):
-        if volume["name"] == VOLUME:
+        if volume["name"] in added:
             raise SettingsError(
-                f"{at}.volumes[{i}]: the pod already has a volume named {VOLUME}, a name infantry adds; rename it"
+                f"{at}.volumes[{i}]: the pod already has a volume named {volume['name']}, a name infantry adds; "
+                "rename it"
             )
+    for field in ("initContainers", "containers"):
+        for i, container in enumerate(spec.get(field) or []):
+            ports = container.get("ports")
+            for port in ports if isinstance(ports, list) else []:
+                if options.health_port and isinstance(port, dict) and port.get("containerPort") == options.health_port:
+                    raise InvalidAnnotation(
+                        PREFIX + "health-port",
+                        f"{at}.{field}[{i}] already uses port {options.health_port}; choose another for infantry",
+                    )
+
+
+def _added_volumes(options: InjectOptions) -> dict[str, Json]:
+    """The volumes infantry adds, by name."""
+    volumes: dict[str, Json] = {
+        VOLUME: {"name": VOLUME, "emptyDir": {"medium": "Memory"} if options.secret_source else {}}
+    }
+    if options.secret:
+        volumes[SECRET_VOLUME] = {"name": SECRET_VOLUME, "secret": {"secretName": options.secret}}
+    if options.config_map:
+        volumes[CONFIG_VOLUME] = {"name": CONFIG_VOLUME, "configMap": {"name": options.config_map}}
+    return volumes
 
 
 def inject_pod(
@@ -438,7 +632,7 @@ def inject_pod(
     for field in ("initContainers", "volumes"):
         if field in spec and spec[field] is None:
             del spec[field]
-    _refuse_clashes(spec, at)
+    _refuse_clashes(spec, at, options)
     annotations = dict(annotations)
     apps = spec["containers"]
     names = [c["name"] for c in apps]
@@ -456,24 +650,25 @@ def inject_pod(
         if container.get("volumeMounts") is None:
             container["volumeMounts"] = []
         container["volumeMounts"].append({"name": VOLUME, "mountPath": options.mount_path, "readOnly": True})
-    spec.setdefault("volumes", []).append({"name": VOLUME, "emptyDir": {}})
+    added = _added_volumes(options)
+    spec.setdefault("volumes", []).extend(added.values())
     context = _security_context(options, spec, targets)
     init = spec.setdefault("initContainers", [])
     injected_init: list[str] = []
     injected: list[str] = []
     if options.install_only:
-        init.insert(0, _container(INSTALL, ["install"], _install_env(options), options, context))
+        init.insert(0, _container(INSTALL, ["install"], _install_env_all(options), options, context))
         injected_init.append(INSTALL)
     elif options.mode == "native":
-        watch = _container(WATCH, ["watch"], _watch_env(options), options, context)
+        watch = _container(WATCH, ["watch"], _watch_env_all(options), options, context)
         watch["restartPolicy"] = "Always"
         init.insert(0, _with_probes(watch, options, startup=True))
         injected_init.append(WATCH)
     else:
-        init.insert(0, _container(INSTALL, ["install"], _install_env(options), options, context))
+        init.insert(0, _container(INSTALL, ["install"], _install_env_all(options), options, context))
         injected_init.append(INSTALL)
         # Appended last, so `kubectl logs` and `kubectl exec` still default to the app.
-        apps.append(_with_probes(_container(WATCH, ["watch"], _watch_env(options), options, context), options,
+        apps.append(_with_probes(_container(WATCH, ["watch"], _watch_env_all(options), options, context), options,
                                  startup=False))  # fmt: skip
         injected.append(WATCH)
     set_share = bool(options.process) and not options.install_only and "shareProcessNamespace" not in spec
@@ -484,12 +679,45 @@ def inject_pod(
         "mode": "install-only" if options.install_only else options.mode,
         "initContainers": injected_init,
         "containers": injected,
-        "volumes": [VOLUME],
+        "volumes": list(added),
         "mounts": [c["name"] for c in targets],
         "shareProcessNamespace": set_share,
     }
     annotations[STATUS] = json.dumps(status, sort_keys=True, separators=(",", ":"))
     return spec, annotations
+
+
+def pod_warnings(spec: Json, options: InjectOptions) -> list[str]:
+    """What, in a pod infantry was injected into, keeps it from doing what it was asked: short lines."""
+    found: list[str] = []
+    if options.mode == "native" and not options.install_only:  # (a Job's install never uses watch's settings)
+        unused = [PREFIX + name.replace("_", "-") for name, _ in options.passed_on if name not in commands.WATCH]
+        if unused:
+            found.append(f"{', '.join(unused)}: for install only, and a native sidecar has no install container")
+    if not options.process or options.install_only:
+        return found
+    process = _shown(options.process)
+    if spec.get("shareProcessNamespace") is False:
+        found.append(f"shareProcessNamespace is false: infantry cannot see process {process} to signal it")
+    if options.run_as_same_user:
+        return found
+    pod_context = spec.get("securityContext") or {}
+    pod_uid = pod_context.get("runAsUser")
+    for container in spec["containers"]:
+        name = container["name"]
+        if name in _ARGS or (options.containers and name not in options.containers):
+            continue
+        uid = (container.get("securityContext") or {}).get("runAsUser", pod_uid)
+        if not isinstance(uid, int) or isinstance(uid, bool) or uid == pod_uid != 0:
+            continue
+        if uid == 0:
+            found.append(f"container {_shown(name)} runs as root: infantry, not root, cannot signal {process} in it")
+        else:
+            found.append(
+                f"container {_shown(name)} runs as UID {uid}, infantry as another: set {PREFIX}run-as-same-user "
+                f"to signal {process}"
+            )
+    return found
 
 
 Warn = Callable[[str], None]
@@ -581,6 +809,8 @@ def _inject_workload(doc: Json, settings: Settings, *, annotate_only: bool, warn
     values = {**option_values(settings, only_set=False), **annotation_values(annotations), **overrides}
     options = parse_options(values, install_only_kind=doc.get("kind") in INSTALL_ONLY_KINDS)
     holder["spec"], metadata["annotations"] = inject_pod(holder["spec"], annotations, options, at=at + "spec")
+    for warning in pod_warnings(holder["spec"], options):
+        warn(f"{where}: {warning}")
     return doc
 
 

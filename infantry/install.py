@@ -11,14 +11,14 @@ from typing import Literal
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from infantry import spool
+from infantry import logs, spool
 from infantry.assemble import Assembler, KeyAwaited
 from infantry.errors import CheckFailed, InfantryError, SettingsError, SourceError, SourceTimeout, UnsafeDataError
 from infantry.publish import SPOOL, Gate, Publisher, make_gate, make_publisher, mark_fallback, mark_told
 from infantry.retry import Backoff
 from infantry.settings import Settings, SourceSpec
 from infantry.snapshot import Part, Snapshot
-from infantry.sources import Source, open_sources
+from infantry.sources import Source, commit_note, commits, open_sources
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,13 @@ async def install(
         # The app starts after install: it reads this set, so `watch` need not tell it again.
         await asyncio.to_thread(mark_told, publisher.dest, snapshot.version)
         if published:
-            logger.info("published %s (%d files) into %s", snapshot.short_version, len(snapshot.files), publisher.dest)
+            logger.info(
+                "published %s (%d files) into %s%s",
+                snapshot.short_version,
+                len(snapshot.files),
+                publisher.dest,
+                commit_note(commits(source for _, source in sources)),
+            )
             return "published"
         logger.info("destination already holds %s; nothing written", snapshot.short_version)
         return "unchanged"
@@ -81,13 +87,14 @@ async def gather(
     values = len(sources) - len(assembler.groups)
     last_errors: dict[int, SourceError] = {}
     awaited: KeyAwaited | None = None
+    deadline = asyncio.get_running_loop().time() + settings.timeout
     try:
-        async with asyncio.timeout(settings.timeout):
+        async with asyncio.timeout_at(deadline):
             for attempt in itertools.count():
                 try:
                     async with asyncio.TaskGroup() as group:
                         tasks = [
-                            group.create_task(_fetch(i, source, last_errors, backoff))
+                            group.create_task(_fetch(i, source, last_errors, backoff, deadline))
                             for i, (_, source) in enumerate(sources)
                         ]
                 except ExceptionGroup as group_error:
@@ -114,12 +121,30 @@ async def gather(
     raise AssertionError("unreachable: the loop returns or raises")
 
 
-async def _fetch(index: int, source: Source, last_errors: dict[int, SourceError], backoff: Backoff) -> Snapshot:
+async def _fetch(
+    index: int, source: Source, last_errors: dict[int, SourceError], backoff: Backoff, deadline: float
+) -> Snapshot:
     def remember(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, SourceError):
             last_errors[index] = exc
-            logger.warning("%s (attempt %d); retrying", exc, state.attempt_number)
+            delay = state.next_action.sleep if state.next_action else 0.0
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            logger.warning(
+                "%s (attempt %d); retrying in %.1fs, %.1fs left of --timeout",
+                exc,
+                state.attempt_number,
+                delay,
+                left,
+                extra=logs.fields(
+                    event="fetch_failed",
+                    source=source.name,
+                    error=str(exc),
+                    attempt=state.attempt_number,
+                    next_retry_s=round(delay, 3),
+                    deadline_s=round(left, 3),
+                ),
+            )
 
     retrying = AsyncRetrying(
         retry=retry_if_exception(lambda exc: isinstance(exc, SourceError) and exc.temporary),

@@ -1,4 +1,9 @@
-"""Log lines on stderr, as text or JSON."""
+"""Log lines on stderr, as text or JSON.
+
+A line can carry fields beside its message, given as ``extra=fields(event="published", version=…)``.
+JSON lines hold them as keys a machine can query; text lines stay the message alone, as readable as
+ever (the message already says what the fields hold).
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,51 @@ import json
 import logging
 import sys
 import time
+from typing import Any
+
+# The fields a line may carry (anything else given as extra is not shown): what happened, to which
+# source and version, how many files, how long it took, what went wrong, and retry progress.
+FIELDS = (
+    "event",
+    "source",
+    "version",
+    "files",
+    "duration_ms",
+    "error",
+    "attempt",
+    "next_retry_s",
+    "deadline_s",
+    "commit",
+    "dest",
+    "address",
+    "settings",
+)
+
+
+def fields(**values: Any) -> dict[str, Any]:
+    """Fields for a log line's ``extra``; None values are left out."""
+    unknown = set(values) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"unknown log fields: {sorted(unknown)}")
+    return {key: value for key, value in values.items() if value is not None}
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger and message."""
+    """One JSON object per line: time, level, logger, message, and the line's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for key in FIELDS:
+            if key in record.__dict__:
+                entry[key] = record.__dict__[key]
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 def configure(log_format: str, level: str) -> None:

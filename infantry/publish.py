@@ -458,6 +458,11 @@ def _read_tree(root: Path, file_mode: int, ledger: Ledger) -> Snapshot | None:
     return Snapshot.of(files) if files else None
 
 
+def read_published(root: Path, file_mode: int) -> Snapshot | None:
+    """Read a published snapshot directory back (see _read_tree), for a reader that keeps no ledger."""
+    return _read_tree(root, file_mode, Ledger())
+
+
 def _replace_with_link(dest: Path, name: str, target: str) -> None:
     """Point ``dest/name`` at ``target`` by renaming a fresh link over it; never writes through a link."""
     dest_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

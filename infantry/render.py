@@ -14,9 +14,11 @@ from typing import BinaryIO
 from infantry import spool
 from infantry.assemble import Assembler
 from infantry.install import gather
+from infantry.publish import DATA
 from infantry.settings import Settings
-from infantry.snapshot import Snapshot
+from infantry.snapshot import Snapshot, default_mode
 from infantry.sources import open_sources
+from infantry.status import snapshot_dir
 
 
 async def run_render(settings: Settings, environ: Mapping[str, str], diff: Path | None, out: BinaryIO) -> None:
@@ -33,16 +35,24 @@ async def run_render(settings: Settings, environ: Mapping[str, str], diff: Path 
             out.write(f"==> {path} <==\n".encode())
             out.write(data if data.endswith(b"\n") or not data else data + b"\n")
     else:
-        out.write(unified_diff(live_files(diff, int(settings.max_file_size)), snapshot, diff).encode())
+        live = live_files(diff, int(settings.max_file_size))
+        out.write(unified_diff(live, snapshot, diff, settings.file_mode).encode())
     out.flush()
 
 
-def live_files(dest: Path, cap: int) -> dict[str, bytes | None]:
-    """What ``dest`` holds for the app: the set ``..data`` points at (or, in the direct layout, the files
-    themselves), leaving out infantry's own names. Content over ``cap`` bytes is None. Links are not
-    followed below the top: this only reads, but it reads only the set."""
-    root = dest / "..data" if (dest / "..data").exists() else dest
-    found: dict[str, bytes | None] = {}
+def live_files(dest: Path, cap: int) -> dict[str, tuple[bytes | None, int]]:
+    """What ``dest`` holds for the app, with each file's mode: the set ``..data`` points at (or, in the
+    direct layout, the files themselves), leaving out infantry's own names. Content over ``cap`` bytes
+    is None. It only reads, and only the set: a ``..data`` that does not point at a snapshot directory
+    of the destination counts as nothing live, and no link below it is followed."""
+    if os.path.lexists(dest / DATA):
+        live_dir, _ = snapshot_dir(dest, DATA)
+        if live_dir is None:
+            return {}
+        root = dest / live_dir
+    else:
+        root = dest
+    found: dict[str, tuple[bytes | None, int]] = {}
     for directory, names, files in os.walk(root):
         names[:] = [n for n in names if not n.startswith("..")]
         for name in files:
@@ -53,19 +63,26 @@ def live_files(dest: Path, cap: int) -> dict[str, bytes | None]:
             with contextlib.suppress(OSError):
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
                 with open(fd, "rb") as handle:
-                    if stat.S_ISREG(os.fstat(fd).st_mode):
+                    st = os.fstat(fd)
+                    if stat.S_ISREG(st.st_mode):
                         data = handle.read(cap + 1)
-                        found[rel] = data if len(data) <= cap else None
+                        found[rel] = (data if len(data) <= cap else None, stat.S_IMODE(st.st_mode))
     return found
 
 
-def unified_diff(live: Mapping[str, bytes | None], snapshot: Snapshot, dest: Path) -> str:
-    """A unified diff from ``live`` (what ``dest`` holds) to ``snapshot``, file by file."""
+def unified_diff(live: Mapping[str, tuple[bytes | None, int]], snapshot: Snapshot, dest: Path, file_mode: int) -> str:
+    """A unified diff from ``live`` (what ``dest`` holds) to ``snapshot``, file by file, with a line
+    for each mode that changes (as git shows one)."""
     chunks: list[str] = []
     for path in sorted(set(live) | set(snapshot.files)):
-        old = live.get(path)
-        new = snapshot.files[path].data if path in snapshot.files else None
-        if path in live and path in snapshot.files and old == new:
+        old, old_mode = live.get(path, (None, 0))
+        entry = snapshot.files.get(path)
+        new = entry.data if entry is not None else None
+        if entry is not None and path in live:
+            new_mode = entry.mode if entry.mode is not None else default_mode(entry.executable, file_mode)
+            if new_mode != old_mode:
+                chunks.append(f"mode of {path}: {old_mode:04o} -> {new_mode:04o}\n")
+        if path in live and entry is not None and old == new:
             continue
         if path in live and old is None:
             chunks.append(f"Files {dest}/{path} and rendered/{path} differ (too large to compare)\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
@@ -32,7 +32,7 @@ from infantry.errors import SettingsError
 from infantry.snapshot import Limits, check_path
 
 ENV_PREFIX = "INFANTRY_"
-SCHEMES = ("file", "http", "https", "etcd", "etcds")
+SCHEMES = ("file", "http", "https", "etcd", "etcds", "git+https", "git+http", "git+ssh", "git+git", "git+file")
 MAX_SECONDS = 366 * 24 * 3600.0
 """The longest duration any setting takes: a year. Larger values only overflow timers."""
 MAX_CONFIG_BYTES = 1 << 20
@@ -103,20 +103,137 @@ def source_url_problem(url: str) -> str | None:
     if scheme not in SCHEMES:
         shown = scheme[:20] if scheme.isascii() else "?"
         return f"unsupported scheme {shown!r}; supported: {', '.join(SCHEMES)}"
-    if scheme in ("etcd", "etcds") and "," in parts.netloc:
-        return f"several etcd endpoints are not supported yet; give one, like {scheme}://HOST:2379/prefix/"
+    if scheme in ("etcd", "etcds"):
+        try:
+            etcd_endpoints(url)
+        except ValueError as exc:
+            return str(exc)
+        return None
     try:
-        port = parts.port
+        parts.port  # noqa: B018  (reading it checks it)
     except ValueError:
         return "the port cannot be read; expected SCHEME://HOST:PORT/path with a port up to 65535"
-    if scheme == "file":
+    if scheme in ("file", "git+file"):
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-            return "expected file:///absolute/path"
+            return f"expected {scheme}:///absolute/path"
     elif not parts.hostname:
-        return f"no host; expected {scheme}://HOST{':PORT' if scheme.startswith('etcd') else ''}/..."
-    elif scheme in ("etcd", "etcds") and port is None:
-        return f"no port; expected {scheme}://HOST:PORT/prefix/ (etcd listens on 2379)"
+        return f"no host; expected {scheme}://HOST/..."
     return None
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?")
+
+
+def _etcd_endpoint(text: str, scheme: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[IPv6]:PORT``) as (host as written in a URL, port); ValueError saying what is wrong."""
+    example = f"like {scheme}://h1:2379,h2:2379,h3:2379/prefix/"
+    if not text:
+        raise ValueError(f"an empty endpoint in the list; {example}")
+    if text.startswith("["):
+        host, bracket, rest = text.partition("]")
+        host += bracket
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{text[:80]!r} is not an IPv6 address in brackets, like [::1]:2379") from None
+        port_text = rest.removeprefix(":") if rest.startswith(":") else None
+    else:
+        host, colon, port_text_or_host = text.rpartition(":")
+        if not colon:
+            host, port_text = text, None
+        else:
+            port_text = port_text_or_host
+        if ":" in host:
+            raise ValueError(f"{text[:80]!r}: put an IPv6 address in brackets, like [::1]:2379")
+        if not _HOST_NAME.fullmatch(host):
+            raise ValueError(f"{text[:80]!r} is not HOST:PORT; {example}")
+    if not port_text:
+        raise ValueError(f"no port for {host[:80]!r}; expected HOST:PORT for every endpoint (etcd listens on 2379)")
+    if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise ValueError(f"the port of {host[:80]!r} is not a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def etcd_endpoints(url: str, extra: Sequence[str] = ()) -> list[tuple[str, int]]:
+    """The members an ``etcd://`` or ``etcds://`` source may talk to, in the order they are tried.
+
+    Those in the URL (``etcd://h1:2379,h2:2379/prefix/``) come first, then ``extra`` (the source's
+    ``endpoints:`` list), each ``HOST:PORT`` or ``SCHEME://HOST:PORT`` with the URL's own TLS choice.
+    Every endpoint needs a port; the same one twice, or an endpoint with another scheme, is refused.
+    Raises ValueError saying what is wrong, never quoting the URL's credentials.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    hosts = parts.netloc.rpartition("@")[2]
+    if hosts.endswith(":") and parts.path.startswith("//"):  # etcd://h1:2379,etcds://h2:2379/prefix/
+        raise ValueError(f"give the scheme once, before every endpoint: like {scheme}://h1:2379,h2:2379/prefix/")
+    texts = hosts.split(",") if hosts else []
+    tls = scheme == "etcds"
+    for item in extra:
+        given, sep, address = item.rpartition("://")
+        if sep:
+            if given not in ("etcd", "etcds", "http", "https"):
+                raise ValueError(f"endpoint {redact_url(item)!r}: expected HOST:PORT, or {scheme}://HOST:PORT")
+            if (given in ("etcds", "https")) != tls:
+                raise ValueError(
+                    f"endpoint {redact_url(item)!r} and source {scheme}:// mix TLS and plain HTTP; "
+                    "every member of a cluster is reached the same way"
+                )
+        if "/" in address or "@" in address:
+            raise ValueError(f"endpoint {redact_url(item)!r}: expected HOST:PORT, with no path or credentials")
+        texts.append(address)
+    if not texts:
+        raise ValueError(f"no host; expected {scheme}://HOST:PORT/prefix/ (etcd listens on 2379)")
+    endpoints: list[tuple[str, int]] = []
+    for text in texts:
+        host, port = _etcd_endpoint(text, scheme)
+        if (host.lower(), port) in ((h.lower(), p) for h, p in endpoints):
+            raise ValueError(f"endpoint {host}:{port} is given twice")
+        endpoints.append((host, port))
+    return endpoints
+
+
+def _hostless_etcd(url: str) -> bool:
+    """True for an etcd URL that names no member, like ``etcd:///prefix/``."""
+    with contextlib.suppress(ValueError):
+        parts = urlsplit(url)
+        return parts.scheme in ("etcd", "etcds") and not parts.netloc.rpartition("@")[2] and url.isprintable()
+    return False
+
+
+def git_ref_problem(ref: str) -> str | None:
+    """Why ``ref`` cannot name a branch, tag or commit, or None (git's own rules, a little stricter)."""
+    if not ref or len(ref) > 255:
+        return "expected a branch, tag or commit of 1 to 255 characters"
+    if ref.startswith(("-", "/", ".")) or ref.endswith(("/", ".", ".lock")):
+        return "a ref cannot start with '-', '/' or '.', nor end with '/', '.' or '.lock'"
+    if ".." in ref or "//" in ref or "@{" in ref or "/." in ref:
+        return "a ref cannot hold '..', '//', '/.' or '@{'"
+    if not re.fullmatch(r"[A-Za-z0-9._/+@-]+", ref):
+        return "a ref holds only letters, digits and . _ / + @ -"
+    return None
+
+
+def git_fragment(url: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings in a git URL's fragment (``#ref=main&path=conf&depth=1``), and the URL without it.
+
+    A setting given both there and in ``given`` (the config file's entry) is refused: which one wins
+    would be a guess.
+    """
+    base, sep, fragment = url.partition("#")
+    if not sep:
+        return {}
+    out: dict[str, Any] = {"url": base}
+    for item in fragment.split("&"):
+        if not item:
+            continue
+        key, eq, text = item.partition("=")
+        if not eq or key not in ("ref", "path", "depth"):
+            raise ValueError(f"{redact_url(url)}: the fragment takes ref=, path= and depth=, joined by '&'")
+        if given.get(key) is not None or key in out:
+            raise ValueError(f"{redact_url(url)}: {key} is given twice (in the URL's fragment and elsewhere)")
+        out[key] = unquote(text)
+    return out
 
 
 def _source_url(url: str) -> str:
@@ -132,7 +249,7 @@ class SourceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    url: str = Field(description="The source URL: file://, http(s):// or etcd(s)://.")
+    url: str = Field(description="The source URL: file://, http(s)://, etcd(s):// or git+https|ssh|file://.")
     dir: str = Field("", description="Sub-directory of the destination for this source's files.")
     name: str | None = Field(None, description="File name for a single HTTP document (default: last URL segment).")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP request headers.")
@@ -142,6 +259,16 @@ class SourceSpec(BaseModel):
     ca_file: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
+    # git: the branch, tag or commit (default: the remote's HEAD), the sub-directory published, commits fetched.
+    ref: str | None = None
+    path: str | None = None
+    depth: Annotated[int | None, Field(ge=1, le=1000)] = None
+    ssh_key_file: Path | None = None
+    ssh_known_hosts: Path | None = None
+    endpoints: list[str] = Field(
+        default_factory=list,
+        description="etcd: more members of the cluster, as HOST:PORT, tried in order after those in the URL.",
+    )
 
     @field_validator("headers")
     @classmethod
@@ -153,7 +280,44 @@ class SourceSpec(BaseModel):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
+        if _hostless_etcd(url):
+            return url  # the members may all be in `endpoints`: checked with them, below
         return _source_url(url)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _git_fragment(cls, value: Any) -> Any:
+        """Read ``#ref=main&path=conf&depth=1`` off a git URL into the source's own settings."""
+        if isinstance(value, dict) and isinstance(value.get("url"), str) and value["url"].startswith("git+"):
+            return {**value, **git_fragment(value["url"], value)}
+        return value
+
+    @model_validator(mode="after")
+    def _git_only(self) -> SourceSpec:
+        git = self.scheme.startswith("git+")
+        for name in ("ref", "path", "depth"):
+            if getattr(self, name) is not None and not git:
+                raise ValueError(f"{name}: only a git+ source has a {name}")
+        if self.ref is not None:
+            problem = git_ref_problem(self.ref)
+            if problem is not None:
+                raise ValueError(f"ref: {problem}")
+        if self.path is not None:
+            reason = check_path(self.path.strip("/")) if self.path.strip("/") else None
+            if reason is not None:
+                raise ValueError(f"path: unsafe path {self.path[:80]!r}: {reason}")
+        return self
+
+    @model_validator(mode="after")
+    def _etcd_members(self) -> SourceSpec:
+        if self.endpoints and self.scheme not in ("etcd", "etcds"):
+            raise ValueError("endpoints: only an etcd:// or etcds:// source has several members")
+        if self.scheme in ("etcd", "etcds"):
+            try:
+                etcd_endpoints(self.url, self.endpoints)
+            except ValueError as exc:
+                raise ValueError(f"{redact_url(self.url)}: {exc}") from None
+        return self
 
     @field_validator("dir")
     @classmethod
@@ -227,11 +391,16 @@ class TemplateSpec(BaseModel):
     def parse(cls, text: str) -> TemplateSpec:
         """``SRC:DEST`` as given to ``--template``: a URL (or an absolute path) and a path in the set."""
         src, sep, dest = text.rpartition(":")
-        # Without a DEST, the split falls inside the URL: after its scheme, or before its port.
-        if not sep or not src or not dest or dest.startswith("/") or dest.split("/", 1)[0].isdigit():
+        # Without a DEST, the split falls inside the URL: after its scheme ("file" and "///…"), or
+        # within its authority, before a port ("http://host" and "8080/…"): the URL has no path yet.
+        scheme_end = src.find("://")
+        in_authority = scheme_end != -1 and "/" not in src[scheme_end + 3 :]
+        if not sep or not src or not dest or dest.startswith("/") or in_authority:
             raise ValueError(
                 f"expected SRC:DEST, like file:///etc/infantry/app.conf.j2:app.conf, got {redact_url(text)[:80]!r}"
             )
+        if dest != dest.strip():
+            raise ValueError(f"DEST {dest!r} begins or ends with white space; give the name without it")
         if src.startswith("/"):
             src = Path(src).as_uri()
         return cls(src=src, dest=dest, mode=None, missing="error")
@@ -309,7 +478,9 @@ class Settings(BaseSettings):
     verify_timeout: Seconds = Field(10.0, description="Seconds the app has to pass verification after a reload.")
     exec: str | None = Field(None, description="Command run on reload (no shell).")
     exec_timeout: Seconds = Field(30.0, description="Seconds the reload command may take.")
-    listen: str | None = Field(None, description="`HOST:PORT` serving `/healthz`, `/readyz`, `/status` and `/metrics`.")
+    listen: str | None = Field(
+        None, description="`HOST:PORT` serving `/healthz`, `/readyz`, `/configured`, `/status` and `/metrics`."
+    )
     header: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Extra HTTP header `Name: value` for every source; repeatable."
     )
@@ -319,6 +490,10 @@ class Settings(BaseSettings):
     ca_file: Path | None = Field(None, description="CA bundle used to verify HTTPS sources.")
     client_cert: Path | None = Field(None, description="Client certificate (PEM) for HTTPS sources.")
     client_key: Path | None = Field(None, description="Key of the client certificate (PEM).")
+    ssh_key_file: Path | None = Field(None, description="Private key for `git+ssh://` sources.")
+    ssh_known_hosts: Path | None = Field(
+        None, description="known_hosts file holding the host keys of `git+ssh://` servers; required for them."
+    )
     file: str = Field("-", description="`inject`: the YAML to read; `-` is standard input.")
     image: str = Field(f"infantry:{__version__}", description="`inject`/`webhook`: the infantry image to inject.")
     mount_path: str = Field("/configs", description="`inject`/`webhook`: where the shared volume is mounted.")
@@ -333,6 +508,26 @@ class Settings(BaseSettings):
     memory: str = Field("128Mi", description="`inject`/`webhook`: memory request and limit of the injected containers.")
     run_as_same_user: bool = Field(
         False, description="`inject`/`webhook`: run infantry as the app container's UID, so signals are allowed."
+    )
+    health_port: int = Field(
+        8086,
+        ge=0,
+        le=65535,
+        description="`inject`/`webhook`: port of the sidecar's `/healthz` and `/readyz`, probed by the kubelet "
+        "(0: no health server and no liveness or readiness probe).",
+    )
+    secret: str | None = Field(
+        None,
+        description="`inject`/`webhook`: Secret mounted read-only at `/var/run/secrets/infantry` in infantry's "
+        "containers, for token, password, CA, certificate and key files.",
+    )
+    config_map: str | None = Field(
+        None,
+        description="`inject`/`webhook`: ConfigMap mounted at `/etc/infantry` in infantry's containers; its "
+        "key `infantry.yaml` is the config file.",
+    )
+    secret_source: bool = Field(
+        False, description="`inject`/`webhook`: the sources hold secrets: the shared volume is kept in memory."
     )
     annotate_only: bool = Field(False, description="`inject`: only add the annotations, for the webhook to act on.")
     tls_cert_file: Path | None = Field(None, description="`webhook`: TLS certificate (PEM), reloaded when it changes.")
@@ -547,6 +742,8 @@ class Settings(BaseSettings):
             "ca_file": self.ca_file,
             "client_cert": self.client_cert,
             "client_key": self.client_key,
+            "ssh_key_file": self.ssh_key_file,
+            "ssh_known_hosts": self.ssh_known_hosts,
         }
         common = dict(_parse_header(line) for line in self.header)
         resolved = []
@@ -618,77 +815,6 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-class Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader reading plain scalars by the YAML 1.2 core schema.
-
-    YAML 1.1 reads ``1:5`` as the base-60 number 65, ``0644`` as octal and ``yes``/``on`` as true;
-    YAML 1.2 (and every other modern reader) keeps the first and last as strings and ``0644`` as
-    decimal. Aliases of lists or mappings are refused, so a small file cannot expand into a huge one.
-    """
-
-    yaml_implicit_resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]] = {}  # noqa: RUF012
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        """Refuse an alias of a collection before it is shared."""
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
-            node = self.anchors.get(str(getattr(event, "anchor", "")))
-            if node is not None and not isinstance(node, yaml.ScalarNode):
-                raise yaml.composer.ComposerError(
-                    None, None, "aliases of lists or mappings are not accepted here", event.start_mark
-                )
-        return super().compose_node(parent, index)
-
-
-def _yaml12_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
-    text = str(loader.construct_scalar(node))  # type: ignore[arg-type]
-    try:
-        if text.startswith("0o"):
-            return int(text[2:], 8)
-        if text.startswith("0x"):
-            return int(text[2:], 16)
-        return int(text, 10)
-    except ValueError:
-        raise yaml.constructor.ConstructorError(None, None, "the number is too long", node.start_mark) from None
-
-
-def _yaml12_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
-    text = str(loader.construct_scalar(node)).lower()  # type: ignore[arg-type]
-    if text.endswith(".inf"):
-        return -math.inf if text.startswith("-") else math.inf
-    if text == ".nan":
-        return math.nan
-    return float(text)
-
-
-for _tag, _pattern, _first in (
-    ("tag:yaml.org,2002:null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
-    ("tag:yaml.org,2002:bool", r"true|True|TRUE|false|False|FALSE", list("tTfF")),
-    ("tag:yaml.org,2002:int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", list("-+0123456789")),
-    (
-        "tag:yaml.org,2002:float",
-        r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
-        list("-+0123456789."),
-    ),
-):
-    Yaml12Loader.add_implicit_resolver(_tag, re.compile(rf"^(?:{_pattern})$"), _first)
-Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
-Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _yaml12_float)
-
-
-def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
-    """A YAML error as one line: where, then what."""
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        what = exc.problem or exc.context or "cannot be read"
-        return f"line {mark.line + 1}, column {mark.column + 1}: {' '.join(what.split())}"
-    if isinstance(exc, yaml.reader.ReaderError):
-        before = text[: exc.position]
-        line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
-        return f"line {line}, column {column}: character {exc.character!r} is not allowed in YAML"
-    return " ".join(str(exc).split())
-
-
 def _did_you_mean(key: str, known: Collection[str]) -> str:
     """``; did you mean 'x'?`` for a misspelt key, or a pointer to the list of settings."""
     close = difflib.get_close_matches(key.replace("_", "-"), [k.replace("_", "-") for k in known], n=1, cutoff=0.6)
@@ -735,10 +861,12 @@ def read_config_file(path: Path) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SettingsError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    from infantry.yamlfile import YamlError, load_yaml12  # only a run with a config file needs YAML
+
     try:
-        loaded = yaml.load(text, Loader=Yaml12Loader)  # noqa: S506  (a safe loader)
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{path}: not valid YAML at {_yaml_problem(exc, text)}") from None
+        loaded = load_yaml12(text)
+    except YamlError as exc:
+        raise SettingsError(f"{path}: not valid YAML at {exc}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -847,6 +975,8 @@ FILE_HINTS = {
     "ca_file": "a PEM bundle of the CAs that sign the server's certificate",
     "client_cert": "the client certificate, in PEM",
     "client_key": "the client certificate's key, in PEM",
+    "ssh_key_file": "the SSH private key, such as a mounted Secret",
+    "ssh_known_hosts": "a known_hosts file with the git server's host key",
     "bearer_token_file": "a file holding the bearer token, such as a mounted Secret",
     "password_file": "a file holding the basic-auth password, such as a mounted Secret",
     "tls_cert_file": "the webhook's TLS certificate, in PEM",
@@ -967,25 +1097,6 @@ def _program_problem(command: str) -> str | None:
     if isinstance(st, str):
         return f"program {shown} cannot be run: {st}; give the path of an executable in infantry's container"
     return f"program {shown} is not an executable file; give the path of one (chmod +x), in infantry's container"
-
-
-def settings_table() -> str:
-    """The README's table of settings, generated from the model."""
-    rows = ["| Option | Environment | Default | Meaning |", "|---|---|---|---|"]
-    for name, info in Settings.model_fields.items():
-        default: Any = info.get_default(call_default_factory=True)
-        if isinstance(default, Wait):
-            shown = f"`{default.min:g}`"
-        elif isinstance(default, ByteSize):
-            shown = f"`{default.human_readable(decimal=False)}`"
-        elif name == "file_mode":
-            shown = f"`{default:04o}`"
-        elif default in (None, [], {}):
-            shown = ""
-        else:
-            shown = f"`{default}`"
-        rows.append(f"| `--{name.replace('_', '-')}` | `{env_name(name)}` | {shown} | {info.description or ''} |")
-    return "\n".join(rows) + "\n"
 
 
 def child_environment() -> dict[str, str]:

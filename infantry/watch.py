@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from infantry import memory, spool, threads
+from infantry import logs, memory, spool, threads
 from infantry.assemble import Assembler, is_render_error, is_template_syntax
 from infantry.errors import (
     CheckFailed,
@@ -48,7 +48,7 @@ from infantry.errors import (
     SourceError,
     UnsafeDataError,
 )
-from infantry.health import Clock, HealthServer, Metrics, Report
+from infantry.health import Clock, HealthServer, Metrics, NullMetrics, Report
 from infantry.notify import (
     CommandVerifier,
     ExecNotifier,
@@ -73,7 +73,8 @@ from infantry.publish import (
 from infantry.retry import Backoff
 from infantry.settings import Settings, SourceSpec
 from infantry.snapshot import Part, Snapshot
-from infantry.sources import Source, open_sources
+from infantry.sources import Source, commit_note, commits, open_sources
+from infantry.status import iso_time, live_since
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class _SourceState:
     # Why the store's latest content was refused (UnsafeDataError: an empty set, a bad path, too big),
     # until the source delivers a set again: the destination then holds what the store no longer does.
     refused: str | None = None
+    retry_at: float | None = None  # when the next try starts, while failing (the watcher's clock)
+    last_ok_wall: float | None = None  # when the source last answered (wall clock, for /status)
 
 
 @dataclass
@@ -162,6 +165,9 @@ class Watcher:
         self._generation = 0  # changes delivered by the sources so far
         self._step_generation = 0  # ... when the step under way began
         self._live: Snapshot | None = None
+        self._published_at: float | None = None  # when the live set was published (wall clock)
+        self._fallback = False  # the live set is the fallback install published
+        self._live_bytes: tuple[str, int] = ("", 0)  # the live set's version and size, for /status
         self._occupied = False
         self._desired: Snapshot | None = None
         self._refreshed_at: int | None = None  # the generation at which the sources were last asked to read again
@@ -229,11 +235,13 @@ class Watcher:
         self._live = current
         self._occupied = await self._blocking("reading the destination", self._publisher.occupied)
         if current is not None:
+            self._published_at = await self._blocking("reading the destination", live_since, self._publisher.dest)
             self.metrics.set_version(current.version, len(current.files))
             logger.info("destination holds %s (%d files)", current.short_version, len(current.files))
             dest = self._publisher.dest
             if await self._blocking("reading the destination", fallback_version, dest) == current.version:
                 self.metrics.fallback.set(1)
+                self._fallback = True
                 logger.warning("FALLBACK: the live set is the fallback install published; waiting for the store")
             told = await self._blocking("reading the destination", told_version, dest)
             if told is not None and told != current.version:
@@ -258,9 +266,21 @@ class Watcher:
                         continue
                     self._answered(state)
                     if item is None:
+                        logger.debug(
+                            "%s: unchanged", source.name, extra=logs.fields(event="unchanged", source=source.name)
+                        )
                         self.metrics.syncs.labels("unchanged").inc()
                         memory.give_back()  # a source may have read a whole set to find it unchanged
                         continue
+                    logger.debug(
+                        "%s: %s (%d files)",
+                        source.name,
+                        item.short_version,
+                        len(item.files),
+                        extra=logs.fields(
+                            event="changed", source=source.name, version=item.version, files=len(item.files)
+                        ),
+                    )
                     self.metrics.syncs.labels("changed").inc()
                     state.refused = None
                     self._parts[index] = item
@@ -282,15 +302,28 @@ class Watcher:
                     source.refresh()
                 delay = self._backoff.delay(state.failures, hint)
                 state.failures += 1
+                state.retry_at = self._clock() + delay
+                failed = logs.fields(
+                    event="source_failed",
+                    source=source.name,
+                    error=str(exc),
+                    attempt=state.failures,
+                    next_retry_s=round(delay, 3),
+                )
                 if str(exc) != state.error:
-                    logger.warning("%s; keeping the last good set, retrying (next in %.1fs)", exc, delay)
+                    logger.warning("%s; keeping the last good set, retrying (next in %.1fs)", exc, delay, extra=failed)
+                else:
+                    logger.debug("%s (attempt %d); next try in %.1fs", exc, state.failures, delay, extra=failed)
                 state.error = str(exc)
                 await asyncio.sleep(delay)
 
     def _answered(self, state: _SourceState) -> None:
         if state.error is not None:
-            logger.info("source %s answers again", state.name)
-        state.last_ok, state.error, state.failures = self._clock(), None, 0
+            logger.info(
+                "source %s answers again", state.name, extra=logs.fields(event="source_recovered", source=state.name)
+            )
+        state.last_ok, state.error, state.failures, state.retry_at = self._clock(), None, 0, None
+        state.last_ok_wall = time.time()
         self.metrics.last_sync.set(time.time())
 
     # -- reconciling -----------------------------------------------------------------------------
@@ -338,6 +371,12 @@ class Watcher:
         if wait.max <= 0:
             return
         deadline = (self._changed_at or self._clock()) + wait.max
+        logger.info(
+            "a change is held back until it has been quiet for %gs (--wait), at most %.1fs more",
+            wait.min,
+            max(0.0, deadline - self._clock()),
+            extra=logs.fields(event="debounce", deadline_s=round(max(0.0, deadline - self._clock()), 3)),
+        )
         while not stop.is_set():
             self._wake.clear()
             quiet = min(wait.min, deadline - self._clock())
@@ -424,6 +463,11 @@ class Watcher:
                 problem = await self._publish(target, drift, changed_at, gate)
                 if problem is not None:
                     return problem
+            # The destination holds the target now, whether or not this step wrote it (a set install
+            # already published is not written again).
+            shas = commits(source for _, source in self._sources)
+            if shas:
+                self.metrics.set_commits(shas)
             if self._pending is not None:
                 told = await self._tell(self._pending)
                 # What staging and telling took is not kept counted against the pod; after the app was
@@ -452,6 +496,7 @@ class Watcher:
         if previous is not None and previous.version == target.version:
             logger.warning("the destination was changed behind infantry's back (%s); publishing it again", drift)
             self.metrics.repairs.inc()
+        started = self._clock()
         try:
             published = await self._blocking("publishing", self._publisher.publish, target, gate)
         except CheckFailed as exc:
@@ -466,9 +511,24 @@ class Watcher:
         self.metrics.publishes.labels("published").inc()
         self.metrics.set_version(target.version, len(target.files))
         self.metrics.fallback.set(0)
+        self._fallback = False
         with contextlib.suppress(OSError, PublishError):
             await self._blocking("clearing the fallback mark", clear_fallback, self._publisher.dest)
-        logger.info("published %s (%d files)", target.short_version, len(target.files))
+        shas = commits(source for _, source in self._sources)
+        self._published_at = time.time()
+        logger.info(
+            "published %s (%d files)%s",
+            target.short_version,
+            len(target.files),
+            commit_note(shas),
+            extra=logs.fields(
+                event="published",
+                version=target.version,
+                files=len(target.files),
+                duration_ms=round(1000 * (self._clock() - started), 1),
+                commit=",".join(shas) or None,
+            ),
+        )
         if previous is None and not self._occupied:
             logger.info("first set in an empty destination; nobody to notify")
             self._occupied, self._pending = True, None
@@ -601,6 +661,19 @@ class Watcher:
 
     # -- health ----------------------------------------------------------------------------------
 
+    def _live_status(self, live: Snapshot) -> dict[str, Any]:
+        """The live set for /status: as `infantry status` shows it (its size counted once per version)."""
+        if self._live_bytes[0] != live.version:
+            self._live_bytes = (live.version, sum(live.files[path].size for path in live.files))
+        published = self._published_at
+        return {
+            "version": live.version,
+            "files": len(live.files),
+            "bytes": self._live_bytes[1],
+            "published_at": iso_time(published) if published is not None else None,
+            "age_seconds": round(max(0.0, time.time() - published), 3) if published is not None else None,
+        }
+
     def report(self) -> Report:
         """What /healthz, /readyz and /status answer now."""
         now = self._clock()
@@ -613,7 +686,16 @@ class Watcher:
             if silent > self._stale_after:
                 detail = f": {state.error}" if state.error else ""
                 problems.append(f"source {state.name}: no good answer for {silent:.0f}s{detail}")
-            sources.append({"name": state.name, "seconds_since_ok": round(silent, 3), "error": state.error})
+            sources.append(
+                {
+                    "name": state.name,
+                    "seconds_since_ok": round(silent, 3),
+                    "last_ok_at": iso_time(state.last_ok_wall) if state.last_ok_wall else None,
+                    "error": state.error,
+                    "failures": state.failures,
+                    "next_retry_in_s": round(max(0.0, state.retry_at - now), 3) if state.retry_at is not None else None,
+                }
+            )
         behind = now - self._out_since if self._out_since is not None else None
         if behind is not None and behind > self._stale_after:
             detail = f": {self._problem}" if self._problem else ""
@@ -625,7 +707,9 @@ class Watcher:
         status = {
             "healthy": not problems,
             "in_sync": in_sync,
-            "live": {"version": live.version, "files": len(live.files)} if live is not None else None,
+            "live": self._live_status(live) if live is not None else None,
+            "fallback": self._fallback,
+            "app_told": live is not None and self._pending is None,
             "previous": self._publisher.previous_version,
             "desired": self._desired.version if self._desired is not None else None,
             "pending_reload": self._pending.snapshot.version if self._pending is not None else None,
@@ -701,4 +785,6 @@ def build_watcher(settings: Settings, environ: Mapping[str, str]) -> Watcher:
         verifier = HttpVerifier(httpx.AsyncClient(trust_env=False), settings.verify_url, settings.verify_timeout)
     elif settings.verify_cmd:
         verifier = CommandVerifier(settings.verify_cmd, settings.verify_timeout, environ)
-    return Watcher(settings, sources, publisher, hooks, gate, verifier, assembler=Assembler(settings, environ))
+    metrics = Metrics() if settings.listen else NullMetrics()  # nobody can read them without --listen
+    assembler = Assembler(settings, environ)
+    return Watcher(settings, sources, publisher, hooks, gate, verifier, metrics, assembler=assembler)

@@ -39,6 +39,7 @@ from infantry.inject import (
     opted_in,
     option_values,
     parse_options,
+    pod_warnings,
 )
 from infantry.settings import Settings
 
@@ -136,6 +137,9 @@ def review(body: bytes, settings: Settings) -> dict[str, Any]:
         logger.warning("denied pod %s: %s", where, exc)
         response.update(allowed=False, status={"code": 400, "message": f"infantry: {exc}"})
         return answer
+    warnings = pod_warnings(spec, options)
+    if warnings:
+        response["warnings"] = [f"infantry: {warning}" for warning in warnings]
     mutated = copy.deepcopy(pod)
     mutated["spec"] = spec
     mutated.setdefault("metadata", {})["annotations"] = new_annotations
@@ -366,6 +370,7 @@ def make_server(settings: Settings) -> WebhookServer:
     """Bind the webhook's HTTPS server, checking the certificate first."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         raise SettingsError("tls-cert-file and tls-key-file: the webhook serves HTTPS only; give both")
+    option_values(settings, only_set=False)  # a default that cannot be passed on is refused now, not per pod
     try:
         certificates = CertificateStore(settings.tls_cert_file, settings.tls_key_file)
     except (OSError, ssl.SSLError) as exc:

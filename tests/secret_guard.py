@@ -39,6 +39,9 @@ SECRETS: tuple[str, ...] = (
     "k3y-s3cret",  # an --header value
     "TOP-SECRET",  # a file outside a file:// store's tree
     "R3loadPass",  # a password in a rejected --reload-url
+    "g1t-wonderland",  # the git smart HTTP server's basic-auth password
+    "g1t-sesame",  # the git smart HTTP server's bearer token
+    "not-the-password",  # a wrong password given to the git smart HTTP server
 )
 
 # The files under a test's tmp_path that hold the output of an infantry process.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import re
 import shutil
 import signal
 import socket
@@ -115,6 +116,13 @@ def infantry(*args: str, env: dict[str, str] | None = None, timeout: float = 60)
 
     note_output(f"output of infantry {args[0] if args else ''}", result.stdout + result.stderr)
     return result
+
+
+def log_lines(stderr: str) -> list[str]:
+    """The lines a run logged after its start-up line (the one naming the version and the settings)."""
+    lines = stderr.strip().splitlines()
+    start = re.compile(r'infantry\.cli: infantry \S+ \w+: |"event": "start"')
+    return [line for line in lines if not start.search(line)]
 
 
 _MEASURE = """

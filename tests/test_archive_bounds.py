@@ -26,7 +26,17 @@ from tests.archives import (
     write_tar_gz,
     write_zip_directory,
 )
-from tests.support import Nginx, Watch, free_port, infantry, infantry_measured, peak_rss_mib, read_as_app, wait_until
+from tests.support import (
+    Nginx,
+    Watch,
+    free_port,
+    infantry,
+    infantry_measured,
+    log_lines,
+    peak_rss_mib,
+    read_as_app,
+    wait_until,
+)
 
 POD_LIMIT_MIB = 128
 REFUSAL_MIB = 80  # a refusal happens before anything large is held
@@ -62,7 +72,7 @@ def _refused(server: Nginx, tmp_path: Path, name: str, *expected: str) -> float:
     result, peak = infantry_measured(tmp_path, "install", "--source", server.url(name), "--dest", str(tmp_path / "D"))
     assert peak < REFUSAL_MIB, f"installing {name} peaked at {peak:.1f} MiB (exit {result.returncode})"
     assert result.returncode == 5, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
+    lines = log_lines(result.stderr)
     assert len(lines) == 1, result.stderr[-2000:]
     for text in expected:
         assert text in lines[0], lines[0]
@@ -208,7 +218,7 @@ def test_gzip_of_several_members_is_decoded_and_garbage_after_it_refused(server:
     assert read_as_app(dest) == {"app.yaml": "a: 1\nb: 2\n"}
     result = infantry("install", "--source", server.url("gz/bad.yaml"), "--dest", str(tmp_path / "E"))
     assert result.returncode == 5, result.stderr
-    assert "not valid gzip data" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "not valid gzip data" in result.stderr and len(log_lines(result.stderr)) == 1, result.stderr
 
 
 def test_deflate_is_decoded_with_or_without_its_zlib_wrapper(server: Nginx, tmp_path: Path) -> None:

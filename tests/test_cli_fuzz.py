@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infantry import cli
+from infantry import options as infantry_options
 
 EXIT_CODES = {"install": {0, 2, 3, 4, 5}, "watch": {2}, "inject": {0, 2}}
 """What each command may answer here: DESIGN.md's codes, less 1 (a bug). watch never gets to start."""
@@ -274,7 +275,7 @@ def invocation(draw: st.DrawFn, scene: Scene, options: Options) -> tuple[str, li
     """A command, its arguments, a config file's text, the password drawn, and the non-secret values."""
     name = draw(st.sampled_from(["install", "watch", "inject"]))
     secret = draw(passwords)
-    names = {"install": cli.INSTALL, "watch": cli.WATCH, "inject": cli.INJECT}[name]
+    names = infantry_options.COMMANDS[name]
     ordinary = draw(st.booleans())
     values = options.ordinary if ordinary else options.hostile
     drawable = [n for n in names if n in values and n not in ("dest", "timeout", "ca_file")]

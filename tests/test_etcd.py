@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -256,6 +257,10 @@ def test_unsafe_keys_exit_5_on_install_and_are_survived_by_watch(
     wait_until("watch to carry on", lambda: read_as_app(dest) == {"good": "2"}, timeout=15)
 
 
+def _refused(watch: Watch, refusals: float, why: str) -> bool:
+    return watch.metric("infantry_syncs_total", result="unsafe") >= refusals and why in watch.log()
+
+
 def test_watch_events_are_checked_as_strictly_as_a_whole_read(etcd: Etcd, tmp_path: Path, watches: list[Watch]) -> None:
     """A watched change is checked at the keys it touches only; what it refuses must still be refused."""
     etcd.put("/app/a", "1")
@@ -278,11 +283,8 @@ def test_watch_events_are_checked_as_strictly_as_a_whole_read(etcd: Etcd, tmp_pa
     for bad, why in cases:
         etcd.txn(bad)
         refusals += 1
-        wait_until(
-            f"watch to refuse {why!r}",
-            lambda: watch.metric("infantry_syncs_total", result="unsafe") >= refusals and why in watch.log(),
-            timeout=15,
-        )
+        refused = functools.partial(_refused, watch, refusals, why)
+        wait_until(f"watch to refuse {why!r}", refused, timeout=15)
         assert watch.get("/readyz")[0] == 503
         assert read_as_app(dest) == {"a": "1", "b": "1"}
         for key in bad:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,18 @@ from infantry.errors import SettingsError
 from infantry.inject import (
     MAX_DEPTH,
     MAX_INPUT_BYTES,
+    OPTION_KEYS,
     STATUS,
     InjectOptions,
+    annotation_values,
     inject_document,
     inject_pod,
     load_documents,
+    option_values,
+    parse_options,
     read_documents,
 )
-from infantry.settings import load_settings
+from infantry.settings import Settings, env_name, load_settings
 from tests.support import infantry
 
 SOURCE = "etcd://etcd.config.svc:2379/app/"
@@ -301,7 +306,9 @@ PLACES = [
     (*T, "metadata", "annotations", "infantry.dev/source"), (*T, "metadata", "annotations", "infantry.dev/status"),
     (*T, "spec"), (*T, "spec", "containers"), (*T, "spec", "containers", 0), (*T, "spec", "containers", 0, "name"),
     (*T, "spec", "containers", 0, "volumeMounts"), (*T, "spec", "volumes"), (*T, "spec", "initContainers"),
-    (*T, "spec", "securityContext"), ("metadata",), ("kind",),
+    (*T, "spec", "securityContext"), ("metadata",), ("kind",), (*T, "metadata", "annotations", "infantry.dev/secret"),
+    (*T, "metadata", "annotations", "infantry.dev/health-port"), (*T, "metadata", "annotations", "infantry.dev/wait"),
+    (*T, "metadata", "annotations", "infantry.dev/process"), (*T, "spec", "shareProcessNamespace"),
 ]  # fmt: skip
 
 
@@ -337,3 +344,86 @@ def test_any_value_anywhere_is_injected_or_refused_with_a_settings_error(changes
 def test_an_alias_bomb_anywhere_is_refused_by_the_command(tmp_path: Path) -> None:
     line = run_refused(tmp_path, bomb_document("args"))
     assert "document 1 is refused" in line
+
+
+@pytest.mark.parametrize(("annotation", "volume"), [("secret", "infantry-secret"), ("config-map", "infantry-config")])
+def test_a_pod_with_a_volume_named_like_the_secret_or_config_volume_is_refused_only_when_it_is_added(
+    tmp_path: Path, annotation: str, volume: str
+) -> None:
+    spec = {"containers": [app("web")], "volumes": [{"name": volume, "emptyDir": {}}]}
+    annotations = {"infantry.dev/source": SOURCE, f"infantry.dev/{annotation}": "store-auth"}
+    line = run_refused(tmp_path, yaml.safe_dump(deployment(spec, annotations)))
+    assert "spec.template.spec.volumes[0]" in line and f"named {volume}" in line
+    options = InjectOptions(sources=(SOURCE,), image="infantry:1")
+    new_spec, _ = inject_pod(copy.deepcopy(spec), {}, options)
+    assert [v["name"] for v in new_spec["volumes"]] == [volume, "infantry-configs"]  # the app's own, untouched
+
+
+def test_a_health_port_the_app_already_uses_is_refused_naming_the_annotation(tmp_path: Path) -> None:
+    spec = {"containers": [app("web", ports=[{"containerPort": 8086}])]}
+    line = run_refused(tmp_path, yaml.safe_dump(deployment(spec)))
+    assert "infantry.dev/health-port" in line and "containers[0] already uses port 8086" in line
+    moved = {"infantry.dev/source": SOURCE, "infantry.dev/health-port": "9100"}
+    out = inject_document(deployment(spec, moved), SETTINGS, annotate_only=False, warn=lambda _: None, where="d")
+    assert out["spec"]["template"]["spec"]["containers"][-1]["ports"][0]["containerPort"] == 9100
+
+
+def test_a_forged_status_never_takes_out_the_apps_own_secret_or_config_map() -> None:
+    options = InjectOptions(sources=(SOURCE,), image="infantry:1", secret="creds")
+    first, annotations = inject_pod({"containers": [app("web")]}, {}, options)
+    # The app adds a Secret volume of its own, under a name of its own, and the status is forged to claim it.
+    first["volumes"].append({"name": "app-creds", "secret": {"secretName": "creds"}})
+    status = json.loads(annotations[STATUS])
+    status["volumes"].append("app-creds")
+    again, _ = inject_pod(first, {STATUS: json.dumps(status)}, InjectOptions(sources=(SOURCE,), image="infantry:1"))
+    assert [v["name"] for v in again["volumes"]] == ["app-creds", "infantry-configs"]
+
+
+GOOD_VALUES = {
+    "interval": "5", "wait": "1:2", "secret": "creds", "config-map": "web-infantry", "health-port": "9100",
+    "header": "X-A: b\nX-C: d", "ca-file": "/var/run/secrets/infantry/ca.crt", "secret-source": "true",
+    "template": "file:///etc/infantry/a.j2:a.conf\nfile:///etc/infantry/b.j2:b.conf", "max-files": "10",
+}  # fmt: skip
+KEYS = st.sampled_from([*OPTION_KEYS, "FOO_BAR", "secret ", "../secret", "secret\nx", "status"])
+TEXTS = st.text(max_size=30) | st.sampled_from([*GOOD_VALUES.values(), "a\nb", "x" * 5000, "/etc/passwd", "0"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.sampled_from(sorted(GOOD_VALUES)), unique=True),
+    st.dictionaries(KEYS, TEXTS, max_size=2),
+    st.sampled_from(["classic", "native", "install-only"]),
+)
+def test_annotations_add_only_infantrys_variables_volumes_and_one_line_values(
+    good: list[str], hostile: dict[str, str], mode: str
+) -> None:
+    values = {**{key: GOOD_VALUES[key] for key in good}, **hostile}
+    annotations = {"infantry.dev/source": SOURCE, **{f"infantry.dev/{key}": text for key, text in values.items()}}
+    try:
+        options = parse_options({**option_values(SETTINGS, only_set=False), **annotation_values(annotations),
+                                 "mode": "native" if mode == "native" else "classic",
+                                 "install-only": str(mode == "install-only").lower()})  # fmt: skip
+        spec, _ = inject_pod({"containers": [app("web")]}, annotations, options)
+    except SettingsError as exc:
+        message = str(exc)
+    else:
+        message = ""
+    if message:
+        assert "\n" not in message
+        return
+    known = {env_name(name) for name in Settings.model_fields}
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        for variable in container.get("env", []):
+            assert variable["name"] in known
+            assert "\n" not in variable["value"] or variable["name"] == "INFANTRY_HEADER"
+            assert variable["value"].replace("\n", " ").isprintable() and len(variable["value"]) <= 4096
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert set(volumes) <= {"infantry-configs", "infantry-secret", "infantry-config"}
+    name = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+    if "infantry-secret" in volumes:
+        assert volumes["infantry-secret"]["secret"] == {"secretName": values["secret"]}
+        assert name.fullmatch(values["secret"]) and len(values["secret"]) <= 253
+    if "infantry-config" in volumes:
+        assert volumes["infantry-config"]["configMap"] == {"name": values["config-map"]}
+        assert name.fullmatch(values["config-map"])
+    assert yaml.safe_load(yaml.safe_dump(spec)) == spec

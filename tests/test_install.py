@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from tests.archives import files_tar, make_zip
-from tests.support import Nginx, TlsFiles, Watch, free_port, infantry, read_as_app, tree, wait_until
+from tests.support import Nginx, TlsFiles, Watch, free_port, infantry, log_lines, read_as_app, tree, wait_until
 
 
 def test_install_tar_gz_bundle(nginx: Nginx, tmp_path: Path) -> None:
@@ -31,7 +31,7 @@ def test_an_archive_past_max_files_is_refused_naming_the_setting(nginx: Nginx, t
     for name in ("bundle.tar.gz", "bundle.zip"):
         result = infantry("install", "--source", nginx.url(name), "--dest", str(tmp_path / name), "--max-files", "1")
         assert result.returncode == 5, result.stderr
-        assert "max-files" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "max-files" in result.stderr and len(log_lines(result.stderr)) == 1, result.stderr
 
 
 def test_install_zip_and_plain_documents(nginx: Nginx, tmp_path: Path) -> None:

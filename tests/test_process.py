@@ -26,7 +26,7 @@ from infantry.process import (
     start_reaper,
 )
 from infantry.snapshot import FileEntry, Snapshot
-from tests.support import HELPERS, infantry, installed_store, wait_until
+from tests.support import HELPERS, infantry, installed_store, log_lines, wait_until
 
 LEAK_PUBLISHES = int(os.environ.get("INFANTRY_LEAK_PUBLISHES", "300"))
 
@@ -258,7 +258,7 @@ def test_a_check_writing_300_mb_to_stderr_is_exit_4_with_a_short_message_in_boun
     assert wrapper.returncode == 0, wrapper.stderr
     report = json.loads(wrapper.stdout)
     assert report["code"] == 4, report["stderr"][-2000:]
-    message = report["stderr"].strip().splitlines()
+    message = log_lines(report["stderr"])
     assert len(message) == 1 and len(message[0]) < 400, report["stderr"][-2000:]
     assert message[0].endswith("xxx" + "rejected: line 3"), message[0]
     assert report["peak_kib"] < 128 * 1024, f"peak RSS {report['peak_kib']} KiB"

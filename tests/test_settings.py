@@ -6,9 +6,9 @@ import click
 import pytest
 
 from infantry.cli import main
-from infantry.docs import render
+from infantry.docs import render, settings_tables
 from infantry.errors import SettingsError
-from infantry.settings import Settings, Wait, load_settings, settings_table
+from infantry.settings import Settings, TemplateSpec, Wait, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,7 +107,7 @@ def test_config_file_errors(tmp_path: Path) -> None:
 def test_readme_settings_table_matches_the_model() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert render(readme) == readme, "README settings table is stale: run `make readme`"
-    assert settings_table() in readme
+    assert settings_tables() in readme
 
 
 def test_every_cli_option_is_a_setting_and_reads_its_variable() -> None:
@@ -120,3 +120,33 @@ def test_every_cli_option_is_a_setting_and_reads_its_variable() -> None:
         assert {"source", "dest", "config", "check", "log_format"} <= options
     watch = main.commands["watch"]
     assert {p.name for p in watch.params} >= {"wait", "signal", "process", "pid_file", "reload_url", "exec", "listen"}
+
+
+@pytest.mark.parametrize(
+    ("given", "src", "dest"),
+    [
+        ("file:///etc/t/app.conf.j2:app.conf", "file:///etc/t/app.conf.j2", "app.conf"),
+        ("file:///etc/t/404.html.j2:404", "file:///etc/t/404.html.j2", "404"),  # a name of digits is a name
+        ("/etc/t/page.j2:500/page.html", "file:///etc/t/page.j2", "500/page.html"),
+        ("http://127.0.0.1:8080/t/app.j2:app.conf", "http://127.0.0.1:8080/t/app.j2", "app.conf"),
+    ],
+)
+def test_template_src_and_dest(given: str, src: str, dest: str) -> None:
+    spec = TemplateSpec.parse(given)
+    assert (spec.src, spec.dest) == (src, dest)
+
+
+@pytest.mark.parametrize(
+    ("given", "why"),
+    [
+        ("http://127.0.0.1:8080/t/app.j2", "expected SRC:DEST"),  # the port is not a DEST
+        ("file:///etc/t/app.j2", "expected SRC:DEST"),
+        ("/etc/t/app.j2", "expected SRC:DEST"),
+        ("/etc/t/app.j2:/etc/passwd", "expected SRC:DEST"),
+        ("/etc/t/app.j2: app.conf", "white space"),
+        ("/etc/t/app.j2:app.conf ", "white space"),
+    ],
+)
+def test_template_specs_refused(given: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        TemplateSpec.parse(given)

@@ -151,8 +151,9 @@ def test_classic_native_and_job_have_their_shapes() -> None:
     watch = pod["containers"][-1]
     assert watch["name"] == "infantry-watch"  # last, so kubectl logs defaults to the app
     assert watch["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    # No readiness probe: a change being published or refused must not take the pod out of its Service.
-    assert "readinessProbe" not in watch
+    # Readiness says a set is live, not /readyz: a change being published or refused must not take the
+    # pod out of its Service.
+    assert watch["readinessProbe"]["httpGet"]["path"] == "/configured"
     app_uid = pod["securityContext"]["runAsUser"]
     assert all(c.get("securityContext", {}).get("runAsUser", app_uid) == app_uid for c in containers(pod))
 

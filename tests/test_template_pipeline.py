@@ -142,6 +142,28 @@ def test_render_prints_the_set_and_a_diff_and_writes_nothing(store: Path, templa
     assert read_as_app(dest) == {"port.conf": "listen 8080;\n"}
 
 
+def test_render_diff_shows_a_mode_change_and_never_reads_through_a_planted_data_link(
+    store: Path, templates: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "D"
+    spec = f"{templates / 'port.j2'}:port.conf"
+    assert infantry("install", "--source", store.as_uri(), "--dest", str(dest), "--template", spec).returncode == 0
+    same = infantry("render", "--source", store.as_uri(), "--template", spec, "--diff", str(dest))
+    assert same.returncode == 0 and same.stdout == "", same.stdout + same.stderr
+    moded = infantry(
+        "render", "--source", store.as_uri(), "--template", spec, "--diff", str(dest), "--file-mode", "0600"
+    )
+    assert moded.returncode == 0 and moded.stdout == "mode of port.conf: 0644 -> 0600\n", moded.stdout + moded.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "port.conf").write_text("listen 8080;\n")
+    (dest / "..data").unlink()
+    (dest / "..data").symlink_to(elsewhere)
+    planted = infantry("render", "--source", store.as_uri(), "--template", spec, "--diff", str(dest))
+    assert planted.returncode == 0, planted.stderr
+    assert "--- /dev/null" in planted.stdout and "+listen 8080;" in planted.stdout  # nothing counted as live
+
+
 def test_watch_renders_again_reloads_once_and_keeps_the_last_good_set_on_a_render_error(
     store: Path, templates: Path, tmp_path: Path, watches: list[Watch], app: SignalRecorder
 ) -> None:

@@ -448,3 +448,93 @@ def test_rejected_urls_are_redacted_in_the_denial_and_the_log(webhook: Webhook) 
     log = (webhook.workdir / "webhook.log").read_text()
     assert log.count("denied pod") == 2
     assert secret not in log
+
+
+def strictly_valid(pod_object: dict[str, Any]) -> None:
+    named = {**pod_object, "metadata": {**pod_object["metadata"], "name": "web"}}
+    for version in ("1.29.0", kubernetes_validate.latest_version()):
+        kubernetes_validate.validate(named, version, strict=True)
+
+
+@pytest.mark.parametrize("mode", ["classic", "native"])
+def test_the_secret_config_map_and_settings_annotations_and_their_warnings(webhook: Webhook, mode: str) -> None:
+    annotations = {
+        "infantry.dev/inject": "true", "infantry.dev/source": SOURCE, "infantry.dev/mode": mode,
+        "infantry.dev/process": "nginx", "infantry.dev/secret": "store-auth", "infantry.dev/config-map": "web-infantry",
+        "infantry.dev/secret-source": "true", "infantry.dev/health-port": "9100", "infantry.dev/interval": "30",
+        "infantry.dev/ca-file": "/var/run/secrets/infantry/ca.crt", "infantry.dev/log-level": "debug",
+    }  # fmt: skip
+    original = pod(annotations=annotations)
+    original["spec"]["shareProcessNamespace"] = False
+    original["spec"]["securityContext"] = {"runAsUser": 0}
+    answer = webhook.mutate(admission(original)).json()
+    response = answer["response"]
+    assert response["allowed"] is True
+    warnings = response["warnings"]
+    assert any("shareProcessNamespace is false" in w for w in warnings)
+    assert any("container web runs as root" in w for w in warnings)
+    assert all(w.startswith("infantry: ") and len(w) <= 256 and w.isprintable() for w in warnings)
+    mutated = apply(answer, copy.deepcopy(original))
+    strictly_valid(mutated)
+    spec = mutated["spec"]
+    assert {"name": "infantry-secret", "secret": {"secretName": "store-auth"}} in spec["volumes"]
+    assert {"name": "infantry-config", "configMap": {"name": "web-infantry"}} in spec["volumes"]
+    assert {"name": "infantry-configs", "emptyDir": {"medium": "Memory"}} in spec["volumes"]
+    watch = next(c for c in [*spec.get("initContainers", []), *spec["containers"]] if c["name"] == "infantry-watch")
+    env = {e["name"]: e["value"] for e in watch["env"]}
+    assert env["INFANTRY_INTERVAL"] == "30" and env["INFANTRY_LISTEN"] == "0.0.0.0:9100"
+    assert env["INFANTRY_CONFIG"] == "/etc/infantry/infantry.yaml" and env["INFANTRY_LOG_LEVEL"] == "debug"
+    assert watch["readinessProbe"]["httpGet"] == {"path": "/configured", "port": 9100}
+    # Reviewed again, the injected pod needs no patch; the warnings still hold.
+    again = webhook.mutate(admission(mutated, uid="uid-2")).json()["response"]
+    assert "patch" not in again and again["allowed"] is True and again["warnings"] == warnings
+
+
+def test_a_pod_without_problems_gets_no_warnings(webhook: Webhook) -> None:
+    original = pod(annotations={"infantry.dev/inject": "true", "infantry.dev/source": SOURCE,
+                                "infantry.dev/process": "nginx"})  # fmt: skip
+    response = webhook.mutate(admission(original)).json()["response"]
+    assert response["allowed"] is True and "patch" in response and "warnings" not in response
+
+
+def test_the_webhooks_settings_are_the_defaults_beneath_the_annotations() -> None:
+    from infantry.settings import load_settings
+    from infantry.webhook import review
+
+    settings = load_settings({"image": "infantry:test", "interval": 20.0, "wait": "1:5", "secret": "shared-auth",
+                              "bearer_token_file": "/var/run/secrets/infantry/token"}, {})  # fmt: skip
+    annotations = {"infantry.dev/inject": "true", "infantry.dev/source": SOURCE, "infantry.dev/interval": "45"}
+    original = pod(annotations=annotations)
+    answer = review(json.dumps(admission(original)).encode(), settings)
+    mutated = apply(answer, copy.deepcopy(original))
+    strictly_valid(mutated)
+    watch = mutated["spec"]["containers"][-1]
+    env = {e["name"]: e["value"] for e in watch["env"]}
+    assert env["INFANTRY_INTERVAL"] == "45"  # the annotation wins
+    assert env["INFANTRY_WAIT"] == "1:5" and env["INFANTRY_BEARER_TOKEN_FILE"] == "/var/run/secrets/infantry/token"
+    assert "INFANTRY_TIMEOUT" not in env and "INFANTRY_LOG_LEVEL" not in env  # not given: the image's defaults
+    assert {"name": "infantry-secret", "secret": {"secretName": "shared-auth"}} in mutated["spec"]["volumes"]
+    bad = pod(annotations={**annotations, "infantry.dev/wait": "9:1"})
+    response = review(json.dumps(admission(bad)).encode(), settings)["response"]
+    assert response["allowed"] is False and "infantry.dev/wait" in response["status"]["message"]
+
+
+def test_file_settings_passed_on_are_not_looked_for_in_the_webhooks_own_container(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infantry", "webhook", "--listen", f"127.0.0.1:{port}", "--tls-cert-file", str(cert),
+         "--tls-key-file", str(key), "--ca-file", "/var/run/secrets/infantry/ca.crt", "--check", "/opt/app/check"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_until("the webhook to listen or exit", lambda: port_open(port) or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, "the webhook refused to start over its pods' settings"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Protocol
 
 from infantry.errors import SettingsError
@@ -75,7 +75,24 @@ def open_source(
         from infantry.sources.etcd import EtcdSource
 
         return EtcdSource(spec, limits, interval, silence_timeout, request_timeout=request_timeout)
+    if spec.scheme.startswith("git+"):
+        from infantry.sources.git import GitSource
+
+        return GitSource(spec, limits, interval, request_timeout=request_timeout)
     raise AssertionError(f"settings accepted an unknown scheme: {spec.scheme}")
+
+
+def commits(sources: Iterable[Source]) -> list[str]:
+    """The commits that the git sources among ``sources`` last answered with, for the publish log line
+    and the ``infantry_git_commit_info`` metric."""
+    found = (getattr(source, "commit", None) for source in sources)
+    return [commit for commit in found if isinstance(commit, str)]
+
+
+def commit_note(shas: Iterable[str]) -> str:
+    """``; commit 0123456789ab`` for the publish log line, or nothing without a git source."""
+    short = [sha[:12] for sha in shas]
+    return f"; commit {', '.join(short)}" if short else ""
 
 
 def open_sources(settings: Settings) -> list[tuple[SourceSpec, Source]]:

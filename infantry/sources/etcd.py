@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -32,8 +32,8 @@ import httpx
 from infantry import spool
 from infantry.errors import SettingsError, SourceError, UnsafeDataError
 from infantry.secrets import read_secret
-from infantry.settings import SourceSpec
-from infantry.snapshot import FileEntry, Limits, Snapshot, SnapshotBuilder, printable
+from infantry.settings import SourceSpec, etcd_endpoints
+from infantry.snapshot import Checked, Draft, FileEntry, Files, Limits, Snapshot, check_revision, check_whole, printable
 from infantry.sources import redact_url
 from infantry.sources.http import build_client
 
@@ -98,11 +98,19 @@ class EtcdSource:
         request_timeout: float = 30.0,
     ) -> None:
         parts = urlsplit(spec.url)
-        if not parts.hostname or not parts.port:
-            raise SettingsError(f"source {redact_url(spec.url)}: expected etcd://HOST:PORT/prefix/")
+        try:
+            members = etcd_endpoints(spec.url, spec.endpoints)
+        except ValueError as exc:
+            raise SettingsError(f"source {redact_url(spec.url)}: {exc}") from None
         self.name = redact_url(spec.url)
         scheme = "https" if parts.scheme == "etcds" else "http"
-        self._base = f"{scheme}://{parts.netloc.rpartition('@')[2]}"
+        # The members, tried in order: the one in use until it fails, then the next (see _next_member).
+        self._members = [f"{scheme}://{host}:{port}" for host, port in members]
+        self._member = 0
+        self._switched = False  # a member was left since the last linearizable read: check the next one in
+        self._watching: str | None = None  # the member the last watch stream was opened on
+        # Members that answered for another cluster than the one followed: member index -> cluster ID.
+        self._foreign: dict[int, str] = {}
         path = unquote(parts.path) or "/"
         self._prefix = (path if path.endswith("/") else path + "/").encode("utf-8")
         self._spec = spec
@@ -117,6 +125,11 @@ class EtcdSource:
         # so an idle watch holds each name and entry once, in one dict.
         self._kv: Mapping[str, FileEntry] | None = None
         self._revision = 0  # the revision self._kv reflects
+        # The last set that passed its checks; while self._kv is self._revised (a copy of it with watch
+        # events applied), the names in self._changed are all it differs at, and all that is checked.
+        self._checked: Checked | None = None
+        self._revised: Draft | None = None
+        self._changed: set[str] = set()
         self._behind = False  # the last quiet-stream probe found the store ahead of the stream
         self._refreshed = False  # refresh() asked for everything to be read again
         # What the store's response headers said: a different cluster, or a revision going backwards,
@@ -128,6 +141,32 @@ class EtcdSource:
         # A watch line is never held past this: a larger one is dropped and the prefix read by pages.
         self._max_line = max(PAGE_BYTES, self._single_cap)
         self._answer_bytes = 0  # the size of the last answer read whole
+
+    # -- members ---------------------------------------------------------------------------------
+
+    @property
+    def _base(self) -> str:
+        """The member requests go to now: ``http(s)://HOST:PORT``, never with credentials."""
+        return self._members[self._member]
+
+    def _next_member(self, exc: SourceError) -> None:
+        """Leave the member in use after ``exc``, for the next in the list (the first after the last).
+
+        The caller backs off before the next request (the one retry policy: capped, jittered), so a
+        cluster that is down as a whole is asked at a slowing pace, one member after another. The watch
+        resumes on the next member from the last revision applied; its first request there is a
+        linearizable read (see _stream), so a member that lags behind is caught up before its watch
+        headers are compared with revisions already seen.
+        """
+        if len(self._members) == 1:
+            return
+        left = self._base
+        self._member = (self._member + 1) % len(self._members)
+        self._switched = True
+        # A "simple" auth token is known only to the member that gave it: log in again on the next one.
+        self._token = None
+        reason = str(exc).removeprefix(f"{self.name}: ")
+        logger.info("%s: member %s failed (%s); trying %s next", self.name, left, reason, self._base)
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -155,6 +194,15 @@ class EtcdSource:
         headers = dict(self._spec.headers)
         # Bodies are counted as they arrive; a compressed one could grow past the cap inside one chunk.
         headers["Accept-Encoding"] = "identity"
+        # "Require a leader", as etcd's own client asks it: the gateway passes Grpc-Metadata-* headers on
+        # as gRPC metadata, so this is `hasleader: true`. Tried against etcd 3.4.23 (three members, the
+        # two others stopped with SIGSTOP): a watch carrying it ended ~4.5 s later with the line
+        # {"error":{"grpc_code":14,"http_code":503,"message":"etcdserver: no leader",...}}, and a watch
+        # or a read sent then was refused at once with HTTP 503 "etcdserver: no leader" (a read without
+        # it waited 7 s for "request timed out"); a watch without it stayed open on the cut-off member,
+        # sending progress notes and no changes, indefinitely. So a member cut off from its quorum is
+        # left for another, not followed in silence; the quiet-stream probe stays as the other check.
+        headers["Grpc-Metadata-Hasleader"] = "true"
         if self._token is not None:
             headers["Authorization"] = self._token  # etcd wants the bare token, no "Bearer"
         return headers
@@ -283,6 +331,8 @@ class EtcdSource:
             return False  # a canceled watch may answer without one: nothing to compare
         cluster_id = header.get("cluster_id")
         cluster_id = str(cluster_id) if cluster_id is not None else None
+        if cluster_id is not None and self._cluster_id is not None and len(self._members) > 1:
+            self._foreign_member(cluster_id)
         rebuilt = (cluster_id is not None and self._cluster_id is not None and cluster_id != self._cluster_id) or (
             revision < self._store_revision
         )
@@ -300,6 +350,25 @@ class EtcdSource:
         self._cluster_id = cluster_id or self._cluster_id
         self._store_revision = max(self._store_revision, revision)
         return rebuilt
+
+    def _foreign_member(self, cluster_id: str) -> None:
+        """Refuse a member that answers for another cluster than the one followed, unless all do.
+
+        A list of members that names one of another cluster is a mistake, and that member's keys are
+        not this store's: it is skipped (SourceError, and the next member is tried). Only when every
+        member in the list answers for one same new cluster is the cluster taken as rebuilt as a whole
+        (then _rebuilt reads everything again).
+        """
+        if cluster_id == self._cluster_id:
+            self._foreign.pop(self._member, None)
+            return
+        self._foreign[self._member] = cluster_id
+        if len(self._foreign) < len(self._members) or len(set(self._foreign.values())) > 1:
+            raise self._error(
+                f"member {self._base} answers for etcd cluster {cluster_id}, not cluster {self._cluster_id} "
+                "that the other members answered for; skipping it"
+            )
+        self._foreign.clear()
 
     # -- keys and values -------------------------------------------------------------------------
 
@@ -456,52 +525,83 @@ class EtcdSource:
         )
 
     def _snapshot(self) -> Snapshot:
-        assert self._kv is not None
-        builder = SnapshotBuilder(self.name, self._limits)
-        for name in sorted(self._kv):
-            builder.add_entry(name, self._kv[name])
-        snapshot = builder.build()
-        self._kv = snapshot.files  # the same names and entries: keep one dict of them, not two
-        return snapshot
+        """The prefix as a checked Snapshot: checked whole after a read, and at the changed names only
+        when self._kv is the last checked set with watch events applied (see _apply)."""
+        kv = self._kv
+        assert kv is not None
+        if self._checked is not None and self._revised is not None and kv is self._revised:
+            checked = check_revision(self.name, self._limits, self._checked, self._revised, self._changed)
+        else:
+            checked = check_whole(self.name, self._limits, kv)
+        self._checked, self._revised = checked, None
+        self._changed.clear()
+        self._kv = checked.snapshot.files  # the same names and entries: keep one dict of them, not two
+        return checked.snapshot
 
     def refresh(self) -> None:
         """Read the whole prefix again, from a fresh revision, and answer with it."""
         self._refreshed = True
 
     async def fetch(self) -> Snapshot:
-        """Read the whole prefix once."""
-        await self._read_all()
+        """Read the whole prefix once; after a failure, the next call asks the next member."""
+        try:
+            await self._read_all()
+        except SourceError as exc:
+            self._next_member(exc)
+            raise
+        self._switched = False  # that read was linearizable: the member is caught up
         return self._snapshot()
 
     async def watch(self) -> AsyncIterator[Snapshot | None]:
-        """The prefix now, then one Snapshot per watch response that carries events."""
-        while True:
-            if self._kv is None:
-                await self._read_all()
-                yield self._snapshot()
-            ended_by: object = None
-            async for changed in self._stream():
-                if changed is _COMPACTED or changed is _TOKEN_EXPIRED or changed is _REBUILT:
-                    ended_by = changed
-                    break
-                yield self._snapshot() if changed else None
-            if ended_by is _TOKEN_EXPIRED:
-                logger.info("%s: the auth token expired; logging in again", self.name)
-                await self._authenticate()
-                continue
-            if ended_by is _REBUILT:
-                self._kv = None  # _rebuilt() logged it
-                continue
-            if ended_by is not _COMPACTED:
-                raise self._error("the watch stream ended")
-            logger.warning("%s: revision %d was compacted; reading everything again", self.name, self._revision + 1)
-            self._kv = None
+        """The prefix now, then one Snapshot per watch response that carries events.
+
+        After a failure, calling it again resumes on the next member, from the last revision applied.
+        """
+        try:
+            while True:
+                if self._kv is None:
+                    await self._read_all()
+                    self._switched = False  # that read was linearizable: the member is caught up
+                    yield self._snapshot()
+                ended_by: object = None
+                async for changed in self._stream():
+                    if changed is _COMPACTED or changed is _TOKEN_EXPIRED or changed is _REBUILT:
+                        ended_by = changed
+                        break
+                    yield self._snapshot() if changed else None
+                if ended_by is _TOKEN_EXPIRED:
+                    logger.info("%s: the auth token expired; logging in again", self.name)
+                    await self._authenticate()
+                    continue
+                if ended_by is _REBUILT:
+                    self._kv = None  # _rebuilt() logged it
+                    continue
+                if ended_by is not _COMPACTED:
+                    raise self._error("the watch stream ended")
+                logger.warning("%s: revision %d was compacted; reading everything again", self.name, self._revision + 1)
+                self._kv = None
+        except SourceError as exc:
+            self._next_member(exc)
+            raise
 
     async def _stream(self) -> AsyncIterator[bool | object]:
         """Follow the watch stream: True after events were applied, False after a progress note."""
         reauthenticated = self._token is None
         if self._token is None:
             await self._authenticate()
+        if self._switched:
+            # A member just taken over may lag behind the one left: its watch headers could carry a
+            # revision older than one already seen, which would look like a store rebuilt from scratch.
+            # A linearizable read waits until it has caught up with the leader, and says whether it
+            # belongs to the cluster followed (see _rebuilt); from then on its revisions only grow.
+            answer = await self._post(
+                "/v3/kv/range",
+                {"key": _b64(self._prefix), "range_end": _b64(prefix_end(self._prefix)), "count_only": True},
+            )
+            self._switched = False
+            if self._rebuilt(answer):
+                yield _REBUILT
+                return
         request = {
             "create_request": {
                 "key": _b64(self._prefix),
@@ -536,6 +636,9 @@ class EtcdSource:
                     if self._rejected_token(resp.status_code, answer):
                         self._token = None  # authenticate again on the next try
                     raise self._error(f"watch refused: HTTP {resp.status_code}: {answer.get('message', '')}")
+                if len(self._members) > 1 and self._watching != self._base:
+                    self._watching = self._base
+                    logger.info("%s: watching through member %s", self.name, self._base)
                 lines = self._lines(resp)
                 while True:
                     if self._refreshed:  # within an interval: the quiet-stream wait is no longer than that
@@ -667,7 +770,15 @@ class EtcdSource:
         assert self._kv is not None
         if not events:
             return  # a progress note: no copy of the snapshot's names for nothing
-        kv = self._kv if isinstance(self._kv, dict) else dict(self._kv)
+        kv: MutableMapping[str, FileEntry]
+        if isinstance(self._kv, Files):
+            draft = self._kv.draft()  # a dict's copy: no entry is made for the names it leaves alone
+            if self._checked is not None and self._kv is self._checked.snapshot.files:
+                self._revised = draft  # the checked set, to be revised at self._changed
+                self._changed.clear()
+            kv = draft
+        else:
+            kv = self._kv if isinstance(self._kv, MutableMapping) else dict(self._kv)
         self._kv = kv
         try:
             for index, event in enumerate(events):
@@ -675,6 +786,7 @@ class EtcdSource:
                     raise self._malformed("a watch event has no kv")
                 item = event["kv"]
                 _, name = self._name(item)
+                self._changed.add(name)
                 if event.get("type", "PUT") == "DELETE":
                     kv.pop(name, None)
                 else:

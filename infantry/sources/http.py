@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 
 from infantry import spool
-from infantry.archive import archive_kind, inflate_cap, unpack
+from infantry.archive_names import archive_kind, inflate_cap
 from infantry.errors import SettingsError, SourceError, UnsafeDataError
 from infantry.secrets import read_secret
 from infantry.settings import SourceSpec, redact_url
@@ -280,6 +280,8 @@ class HttpSource:
         if self._archive is None:
             builder.add_entry(self._file_name, body)
         else:
+            from infantry.archive import unpack  # tarfile and zipfile, only for a source that is an archive
+
             unpack(self._archive, body, builder)
         return builder.build()
 

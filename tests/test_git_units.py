@@ -1,0 +1,126 @@
+"""The git source's parts that need no server: URL fragments, refs, the ssh command line, the pack scan."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from infantry.errors import UnsafeDataError
+from infantry.settings import SourceSpec, load_settings
+from infantry.sources.git import _PackScan, _Ssh, _ssh_argv, remote_url
+
+# -- settings ------------------------------------------------------------------------------------------
+
+
+def test_the_fragment_carries_ref_path_and_depth() -> None:
+    spec = SourceSpec.model_validate({"url": "git+https://h.example/r.git#ref=release%2F1&path=envs/prod&depth=3"})
+    assert (spec.url, spec.ref, spec.path, spec.depth) == ("git+https://h.example/r.git", "release/1", "envs/prod", 3)
+    assert remote_url("git+ssh://git@h.example:2222/r.git#ref=main") == "ssh://git@h.example:2222/r.git"
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({"url": "git+https://h/r.git#ref=a", "ref": "b"}, "given twice"),
+        ({"url": "git+https://h/r.git#branch=a"}, "the fragment takes ref=, path= and depth="),
+        ({"url": "git+https://h/r.git#depth=0"}, "depth"),
+        ({"url": "git+https://h/r.git#path=../up"}, "unsafe path"),
+        ({"url": "git+https://h/r.git#ref=--upload-pack=x"}, "ref"),
+        ({"url": "https://h/app.yaml", "ref": "main"}, "only a git+ source"),
+        ({"url": "git+file://host/r.git"}, "git+file:///absolute/path"),
+        ({"url": "git+svn://h/r"}, "unsupported scheme"),
+    ],
+)
+def test_bad_git_settings_are_refused_naming_the_setting(entry: dict[str, object], expected: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        SourceSpec.model_validate(entry)
+    assert expected in str(info.value)
+
+
+def test_top_level_ssh_settings_reach_every_source_and_read_the_environment() -> None:
+    settings = load_settings(
+        {"source": ["git+ssh://git@h/r.git"]},
+        {"INFANTRY_SSH_KEY_FILE": "/keys/id", "INFANTRY_SSH_KNOWN_HOSTS": "/keys/known_hosts"},
+    )
+    (spec,) = settings.resolved_sources()
+    assert str(spec.ssh_key_file) == "/keys/id" and str(spec.ssh_known_hosts) == "/keys/known_hosts"
+
+
+# -- the ssh command line ------------------------------------------------------------------------------
+
+
+def test_ssh_always_checks_host_keys_and_reads_no_config() -> None:
+    argv = _ssh_argv("ssh", _Ssh(Path("/k/id"), Path("/k/kh")), "-oProxyCommand=x", 22, "git", 5)
+    assert argv[:3] == ["ssh", "-F", "/dev/null"]
+    assert "StrictHostKeyChecking=yes" in argv and 'UserKnownHostsFile="/k/kh"' in argv
+    assert "BatchMode=yes" in argv and 'IdentityFile="/k/id"' in argv
+    # A host that looks like an option comes after "--": it can only ever be a host name.
+    assert argv[-2:] == ["--", "-oProxyCommand=x"]
+    # Paths are quoted, and ssh's % tokens in them are not expanded.
+    argv = _ssh_argv("ssh", _Ssh(Path("/my keys/%h"), Path("/k/kh")), "h", None, None, 5)
+    assert 'IdentityFile="/my keys/%%h"' in argv
+
+
+# -- the pack scan -------------------------------------------------------------------------------------
+
+
+def _header(kind: int, size: int) -> bytes:
+    out = bytearray()
+    byte = (kind << 4) | (size & 15)
+    size >>= 4
+    while size:
+        out.append(byte | 0x80)
+        byte = size & 0x7F
+        size >>= 7
+    out.append(byte)
+    return bytes(out)
+
+
+def _pack(*objects: tuple[int, bytes, bytes]) -> bytes:
+    body = b"".join(_header(kind, len(data)) + prefix + zlib.compress(data) for kind, prefix, data in objects)
+    return b"PACK" + struct.pack(">II", 2, len(objects)) + body + b"\0" * 20
+
+
+def _scan(pack: bytes, object_cap: int = 1 << 20, inflate_cap: int = 4 << 20, max_objects: int = 100) -> None:
+    _PackScan(io.BytesIO(pack), "git+file:///r", max_objects, object_cap, inflate_cap).run()
+
+
+def test_a_plain_pack_passes() -> None:
+    _scan(_pack((3, b"", b"hello\n"), (3, b"", b"x" * 100_000), (2, b"", b"")))
+
+
+def test_an_object_past_the_cap_is_refused_before_it_is_inflated() -> None:
+    with pytest.raises(UnsafeDataError, match="over the limit"):
+        _scan(_pack((3, b"", b"\0" * (8 << 20))), object_cap=1 << 20, inflate_cap=4 << 20)
+
+
+def test_objects_past_the_total_are_refused() -> None:
+    with pytest.raises(UnsafeDataError, match="together"):
+        _scan(_pack(*[(3, b"", bytes([i]) * 900_000) for i in range(6)]), inflate_cap=4 << 20)
+
+
+def test_a_delta_that_makes_a_huge_object_is_refused() -> None:
+    # A delta of a few bytes whose header says it makes 1 GiB: refused from the header alone.
+    delta = bytes([5]) + bytes([0x80, 0x80, 0x80, 0x80, 0x04]) + b"\x01x"
+    with pytest.raises(UnsafeDataError, match="over the limit"):
+        _scan(_pack((7, b"\x11" * 20, delta)))
+
+
+@pytest.mark.parametrize(
+    ("pack", "expected"),
+    [
+        (b"NOPE" + b"\0" * 40, "not a git pack"),
+        (_pack((3, b"", b"abc"))[:-25], "truncated"),
+        (b"PACK" + struct.pack(">II", 2, 10**6), "objects"),
+        (b"PACK" + struct.pack(">II", 2, 1) + _header(3, 2) + zlib.compress(b"abcdef") + b"\0" * 20, "declares"),
+        (b"PACK" + struct.pack(">II", 2, 1) + _header(5, 1) + b"\0" * 30, "unknown type"),
+    ],
+)
+def test_malformed_packs_are_refused(pack: bytes, expected: str) -> None:
+    with pytest.raises(UnsafeDataError, match=expected):
+        _scan(pack)
