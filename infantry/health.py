@@ -133,15 +133,18 @@ class _Forgets:
         return self
 
 
+_FORGETS = _Forgets()
+
+
 class NullMetrics(Metrics):
-    """Metrics with nowhere to be read (`watch` without --listen): the same instruments, forgetting."""
+    """Metrics with nowhere to be read (`watch` without --listen): every instrument Metrics has (an
+    attribute it does not set itself is looked up here), forgetting."""
 
     def __init__(self) -> None:  # no registry, and no prometheus_client
-        forgets: Any = _Forgets()
-        self.registry = forgets
-        self.syncs = self.publishes = self.reloads = self.rollbacks = self.repairs = self.render_errors = forgets
-        self.last_sync = self.snapshot = self.files = self.fallback = self.bad_version = forgets
-        self.in_sync = self.git_commit = self.propagation = forgets
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return _FORGETS
 
 
 @dataclass(frozen=True)
@@ -262,7 +265,7 @@ class HealthServer:
             return 404, b"not found\n", _TEXT
         report = self._report()
         if path == b"/configured":
-            if report.status.get("live") is not None:
+            if report.status.get("configured"):
                 return 200, b"a set is live\n", _TEXT
             return 503, b"no set is live in the destination yet\n", _TEXT
         if path == b"/status":

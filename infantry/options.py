@@ -162,7 +162,11 @@ COMMON = (
 INSTALL = (*COMMON, "timeout", "fallback")
 # render fetches and renders as install does, and writes nothing: no destination is checked at start
 # (--file-mode is what --diff compares modes with).
-RENDER = tuple(name for name in (*COMMON, "timeout") if name not in ("dest", "layout", "publish_timeout"))
+RENDER = tuple(
+    name
+    for name in (*COMMON, "timeout")
+    if name not in ("dest", "layout", "publish_timeout", "check", "check_timeout")  # it stages nothing to check
+)
 WATCH = (
     *COMMON,
     "watch_timeout",
@@ -376,6 +380,6 @@ def _setting(name: str, value: Any) -> Any:
     elif name == "file_mode":
         value = f"{value:04o}"
     elif name in _COMMANDS and isinstance(value, str):
-        program, _, arguments = value.strip().partition(" ")
-        value = f"{program} (arguments hidden)" if arguments.strip() else program
+        words = value.split(None, 1)  # any white space separates arguments, as the command is run
+        value = f"{words[0]} (arguments hidden)" if len(words) > 1 else value.strip()
     return _shown(value)

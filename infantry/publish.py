@@ -45,7 +45,7 @@ PREVIOUS = "..previous"
 MANIFEST = "..infantry-files"
 MAX_MANIFEST = 64 << 20  # the JSON list of a set's paths: far more than 100,000 paths need
 TMP_PREFIX = "..tmp-"
-SNAPSHOT_DIR = re.compile(r"\.\.\d{4}(_\d\d){5}\.\d{9}")
+SNAPSHOT_DIR = re.compile(r"\.\.[0-9]{4}(_[0-9]{2}){5}\.[0-9]{9}")
 DIR_MODE = 0o755
 
 SPOOL = "..spool"  # content on its way in: see infantry.spool
@@ -439,18 +439,29 @@ def _write_new(path: Path | str, entry: FileEntry, file_mode: int, dir_fd: int |
 def _read_tree(root: Path, file_mode: int, ledger: Ledger) -> Snapshot | None:
     """Read a published tree back into a Snapshot, recording each file in ``ledger``.
 
-    None if it does not look like one we wrote (a link, a device, a mode we would not set, a bad name).
+    None if it does not look like one we wrote (a link, a device, a mode we would not set, a bad name),
+    or cannot be read whole (a directory that cannot be listed). The walk keeps its own stack, so a
+    tree of any depth is read without recursion, and only regular files are opened.
     """
     files: dict[str, FileEntry] = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        base = Path(dirpath)
-        for name in filenames + [d for d in dirnames if (base / d).is_symlink()]:
-            path = base / name
-            rel = path.relative_to(root).as_posix()
-            if check_path(rel) is not None:
-                return None
+    pending = [""]
+    while pending:
+        rel_dir = pending.pop()
+        try:
+            with os.scandir(root / rel_dir if rel_dir else root) as entries:
+                listed = [(entry.name, entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False))
+                          for entry in entries]  # fmt: skip
+        except OSError:
+            return None
+        for name, is_dir, is_file in listed:
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            if check_path(rel) is not None or not (is_dir or is_file):
+                return None  # a bad name, or a link, FIFO, socket or device: not a set infantry wrote
+            if is_dir:
+                pending.append(rel)
+                continue
             try:
-                content, st = _read_content(path)
+                content, st = _read_content(root / rel)
             except OSError:
                 return None
             files[rel] = entry_with_mode(content, stat.S_IMODE(st.st_mode), file_mode)

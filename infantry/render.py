@@ -16,7 +16,7 @@ from infantry.assemble import Assembler
 from infantry.install import gather
 from infantry.publish import DATA
 from infantry.settings import Settings
-from infantry.snapshot import Snapshot, default_mode
+from infantry.snapshot import Snapshot, default_mode, printable
 from infantry.sources import open_sources
 from infantry.status import snapshot_dir
 
@@ -53,20 +53,24 @@ def live_files(dest: Path, cap: int) -> dict[str, tuple[bytes | None, int]]:
     else:
         root = dest
     found: dict[str, tuple[bytes | None, int]] = {}
-    for directory, names, files in os.walk(root):
-        names[:] = [n for n in names if not n.startswith("..")]
-        for name in files:
-            if name.startswith(".."):
-                continue
-            path = Path(directory, name)
-            rel = path.relative_to(root).as_posix()
-            with contextlib.suppress(OSError):
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-                with open(fd, "rb") as handle:
-                    st = os.fstat(fd)
-                    if stat.S_ISREG(st.st_mode):
-                        data = handle.read(cap + 1)
-                        found[rel] = (data if len(data) <= cap else None, stat.S_IMODE(st.st_mode))
+    pending = [root]
+    while pending:  # its own stack: a tree of any depth, without recursion
+        directory = pending.pop()
+        with contextlib.suppress(OSError), os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith(".."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    rel = Path(entry.path).relative_to(root).as_posix()
+                    with contextlib.suppress(OSError):
+                        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                        with open(fd, "rb") as handle:
+                            st = os.fstat(fd)
+                            if stat.S_ISREG(st.st_mode):
+                                data = handle.read(cap + 1)
+                                found[rel] = (data if len(data) <= cap else None, stat.S_IMODE(st.st_mode))
     return found
 
 
@@ -75,25 +79,26 @@ def unified_diff(live: Mapping[str, tuple[bytes | None, int]], snapshot: Snapsho
     for each mode that changes (as git shows one)."""
     chunks: list[str] = []
     for path in sorted(set(live) | set(snapshot.files)):
+        shown = path if path.isprintable() else printable(path)  # no terminal escape from a file's name
         old, old_mode = live.get(path, (None, 0))
         entry = snapshot.files.get(path)
         new = entry.data if entry is not None else None
         if entry is not None and path in live:
             new_mode = entry.mode if entry.mode is not None else default_mode(entry.executable, file_mode)
             if new_mode != old_mode:
-                chunks.append(f"mode of {path}: {old_mode:04o} -> {new_mode:04o}\n")
+                chunks.append(f"mode of {shown}: {old_mode:04o} -> {new_mode:04o}\n")
         if path in live and entry is not None and old == new:
             continue
         if path in live and old is None:
-            chunks.append(f"Files {dest}/{path} and rendered/{path} differ (too large to compare)\n")
+            chunks.append(f"Files {dest}/{shown} and rendered/{shown} differ (too large to compare)\n")
             continue
         before = (old or b"").decode(errors="replace").splitlines(keepends=True) if path in live else []
         after = (new or b"").decode(errors="replace").splitlines(keepends=True) if new is not None else []
         for line in difflib.unified_diff(
             before,
             after,
-            fromfile=f"{dest}/{path}" if path in live else "/dev/null",
-            tofile=f"rendered/{path}" if new is not None else "/dev/null",
+            fromfile=f"{dest}/{shown}" if path in live else "/dev/null",
+            tofile=f"rendered/{shown}" if new is not None else "/dev/null",
         ):
             chunks.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
     return "".join(chunks)

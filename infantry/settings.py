@@ -51,11 +51,22 @@ def redact_url(url: str) -> str:
         parts = None
     if parts is None or url.count("@") > parts.netloc.count("@") or not parts.scheme.isascii():
         scheme = url.partition(":")[0]
-        return f"{scheme[:20] if scheme.isascii() and scheme.isalnum() else '?'}://…"
+        return f"{scheme[:20] if scheme.isascii() and scheme.replace('+', '').isalnum() else '?'}://…"
     netloc = parts.netloc
+    # A port that is not a number may be the start of a password cut at an unencoded "#", "?" or "/"
+    # (``user:pa#ss@host``): the URL is cut to its scheme.
+    for host in netloc.rpartition("@")[2].split(","):  # etcd URLs name several hosts
+        port = host.rpartition("]")[2].partition(":")[2]
+        if port and not (port.isascii() and port.isdigit()):
+            return f"{parts.scheme[:20]}://…"
     if "@" in netloc:
         userinfo, _, host = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+        user, colon, _ = userinfo.partition(":")
+        if "%" in user or (not colon and "ssh" not in parts.scheme):
+            # A name alone before "@" is how a token is often given (https://TOKEN@host), and an encoded
+            # one may hide a password (user%3Apass): only ssh's user name is shown as it is.
+            user = "***"
+        netloc = f"{user}:***@{host}" if colon else f"{user}@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
 
 
@@ -112,7 +123,10 @@ def source_url_problem(url: str) -> str | None:
     try:
         parts.port  # noqa: B018  (reading it checks it)
     except ValueError:
-        return "the port cannot be read; expected SCHEME://HOST:PORT/path with a port up to 65535"
+        return (
+            "the port cannot be read; expected SCHEME://HOST:PORT/path with a port up to 65535 (a password "
+            "in the URL holding '#', '?' or '/' must be percent-encoded: %23, %3F, %2F)"
+        )
     if scheme in ("file", "git+file"):
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             return f"expected {scheme}:///absolute/path"
@@ -164,6 +178,12 @@ def etcd_endpoints(url: str, extra: Sequence[str] = ()) -> list[tuple[str, int]]
     """
     parts = urlsplit(url)
     scheme = parts.scheme
+    if "@" in parts.netloc:
+        # etcd takes no credentials in its URL: they would go unused, and every request be anonymous.
+        raise ValueError(
+            "an etcd URL takes no user name or password; give them as --username and --password-file "
+            "(username: and password_file: in a config file)"
+        )
     hosts = parts.netloc.rpartition("@")[2]
     if hosts.endswith(":") and parts.path.startswith("//"):  # etcd://h1:2379,etcds://h2:2379/prefix/
         raise ValueError(f"give the scheme once, before every endpoint: like {scheme}://h1:2379,h2:2379/prefix/")
@@ -513,8 +533,8 @@ class Settings(BaseSettings):
         8086,
         ge=0,
         le=65535,
-        description="`inject`/`webhook`: port of the sidecar's `/healthz` and `/readyz`, probed by the kubelet "
-        "(0: no health server and no liveness or readiness probe).",
+        description="`inject`/`webhook`: port of the sidecar's health server; the kubelet probes `/healthz` "
+        "(liveness) and `/configured` (readiness) (0: no health server and no probe).",
     )
     secret: str | None = Field(
         None,

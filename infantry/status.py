@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infantry.errors import InfantryError
 from infantry.publish import (
     DATA,
     FALLBACK,
@@ -43,10 +44,10 @@ class SetState:
     version: str
     files: int
     bytes: int
-    published_at: float  # seconds since the epoch
+    published_at: float | None  # seconds since the epoch, when it can be told
 
     @classmethod
-    def of(cls, snapshot: Snapshot, published_at: float) -> SetState:
+    def of(cls, snapshot: Snapshot, published_at: float | None) -> SetState:
         size = sum(snapshot.files[path].size for path in snapshot.files)
         return cls(snapshot.version, len(snapshot.files), size, published_at)
 
@@ -55,8 +56,8 @@ class SetState:
             "version": self.version,
             "files": self.files,
             "bytes": self.bytes,
-            "published_at": iso_time(self.published_at),
-            "age_seconds": round(max(0.0, now - self.published_at), 3),
+            "published_at": iso_time(self.published_at) if self.published_at is not None else None,
+            "age_seconds": round(max(0.0, now - self.published_at), 3) if self.published_at is not None else None,
         }
 
 
@@ -97,10 +98,14 @@ def iso_time(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1000):03d}Z"
 
 
-def _dir_time(name: str) -> float:
-    """When a snapshot directory was made, from its name (``..YYYY_MM_DD_HH_MM_SS.NNNNNNNNN``, UTC)."""
+def _dir_time(name: str) -> float | None:
+    """When a snapshot directory was made, from its name (``..YYYY_MM_DD_HH_MM_SS.NNNNNNNNN``, UTC);
+    None for a name of that shape that is no time (anyone who may write the volume can make one)."""
     stamp, _, fraction = name[2:].partition(".")
-    return calendar.timegm(time.strptime(stamp, "%Y_%m_%d_%H_%M_%S")) + int(fraction) / 1e9
+    try:
+        return calendar.timegm(time.strptime(stamp, "%Y_%m_%d_%H_%M_%S")) + int(fraction) / 1e9
+    except (ValueError, OverflowError):
+        return None
 
 
 def snapshot_dir(dest: Path, link: str) -> tuple[str | None, str | None]:
@@ -124,14 +129,14 @@ def snapshot_dir(dest: Path, link: str) -> tuple[str | None, str | None]:
 
 
 def live_since(dest: Path) -> float | None:
-    """When the set live in ``dest`` was published, if that can be told from the destination."""
-    live_dir, _ = snapshot_dir(dest, DATA)
-    if live_dir is not None:
-        return _dir_time(live_dir)
-    try:
-        return os.lstat(dest / MANIFEST).st_mtime
-    except OSError:
-        return None
+    """When the set live in ``dest`` went live, if that can be told from the destination: when ``..data``
+    was swapped to it (the link is made then), or when the direct layout's file list was written."""
+    for name in (DATA, MANIFEST):
+        try:
+            return os.lstat(dest / name).st_mtime
+        except OSError:
+            continue
+    return None
 
 
 def read_state(dest: Path, file_mode: int) -> DestinationState:
@@ -163,9 +168,12 @@ def _kubelet(dest: Path, names: list[str], file_mode: int) -> DestinationState:
         state.problems.append(problem)
     live = read_published(dest / live_dir, file_mode) if live_dir else None
     if live_dir and live is None:
-        state.problems.append(f"the live set in {live_dir} holds no files, or something infantry does not write")
+        state.problems.append(
+            f"the live set in {live_dir} cannot be read whole, holds no files, or holds something infantry "
+            "does not write (a link, a FIFO, a device, a directory that cannot be listed)"
+        )
     if live_dir and live is not None:
-        state.live = SetState.of(live, _dir_time(live_dir))
+        state.live = SetState.of(live, live_since(dest))
     previous_dir, problem = snapshot_dir(dest, PREVIOUS)
     if problem:
         state.leftovers.append(PREVIOUS)
@@ -193,7 +201,11 @@ def _kubelet(dest: Path, names: list[str], file_mode: int) -> DestinationState:
 
 def _direct(dest: Path, file_mode: int) -> DestinationState:
     state = DestinationState(dest, "direct")
-    live = DirectPublisher(dest, file_mode).current()
+    try:
+        live = DirectPublisher(dest, file_mode).current()
+    except (OSError, InfantryError) as exc:  # a link or a file where a directory of the set belongs
+        state.problems.append(f"the set cannot be read: {exc}")
+        return state
     if live is None:
         state.problems.append("a file the list names is missing, changed into something else, or unreadable")
         return state
@@ -230,11 +242,11 @@ def render_text(state: DestinationState, now: float) -> str:
         if kept is None:
             lines.append(f"{label:<12} none")
             continue
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(kept.published_at))
-        lines.append(
-            f"{label:<12} {kept.version[:12]}  {kept.files} files, {_size(kept.bytes)}, "
-            f"published {when} ({_age(now - kept.published_at)} ago)"
-        )
+        when = "at a time that cannot be told"
+        if kept.published_at is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(kept.published_at))
+            when = f"{stamp} ({_age(now - kept.published_at)} ago)"
+        lines.append(f"{label:<12} {kept.version[:12]}  {kept.files} files, {_size(kept.bytes)}, published {when}")
     if state.live is not None:
         lines.append(f"{'fallback':<12} {'yes: the baked-in fallback is live' if state.fallback else 'no'}")
         lines.append(f"{'app told':<12} {'yes' if state.told else 'not yet'}")

@@ -73,7 +73,7 @@ from infantry.publish import (
 from infantry.retry import Backoff
 from infantry.settings import Settings, SourceSpec
 from infantry.snapshot import Part, Snapshot
-from infantry.sources import Source, commit_note, commits, open_sources
+from infantry.sources import Source, commit_note, commits_of, open_sources
 from infantry.status import iso_time, live_since
 
 logger = logging.getLogger(__name__)
@@ -161,11 +161,13 @@ class Watcher:
         self._problem: str | None = "waiting for every source to answer"
         self._refused: str | None = None
         self._refusals: dict[str, str] = {}
+        self._set_commits: dict[str, list[str]] = {}  # the git commits of each set assembled lately, by version
         self._in_sync = False
         self._generation = 0  # changes delivered by the sources so far
         self._step_generation = 0  # ... when the step under way began
         self._live: Snapshot | None = None
         self._published_at: float | None = None  # when the live set was published (wall clock)
+        self._has_set = True  # the destination holds a live set (as of the last look): see /configured
         self._fallback = False  # the live set is the fallback install published
         self._live_bytes: tuple[str, int] = ("", 0)  # the live set's version and size, for /status
         self._occupied = False
@@ -432,11 +434,17 @@ class Watcher:
             if part is not None
         ]
         texts = [part for part in self._parts[self._values :] if part is not None]
+        versions = [part.version if part is not None else None for part in self._parts]
         generation = self._generation
         if self._assembler.templates:
             desired = await threads.run(self._assembler.assemble, values, texts)
         else:  # a merge only: quick, and no thread to start
             desired = self._assembler.assemble(values, texts)
+        # The commits this set was read at, asked now: a git source remembers only its last few answers.
+        self._set_commits.pop(desired.version, None)
+        self._set_commits[desired.version] = commits_of((source for _, source in self._sources), versions)
+        while len(self._set_commits) > _REMEMBERED_REFUSALS:
+            del self._set_commits[next(iter(self._set_commits))]
         if self._generation == generation:
             self._desired = desired
         self._assembled, self._render_error = True, None
@@ -460,14 +468,16 @@ class Watcher:
         try:
             drift = await self._blocking("checking the destination", self._publisher.verify, target)
             if drift is not None:
+                # Whether a set is live at all (/configured), or the destination was emptied meanwhile.
+                self._has_set = await self._blocking("reading the destination", self._publisher.occupied)
                 problem = await self._publish(target, drift, changed_at, gate)
                 if problem is not None:
                     return problem
             # The destination holds the target now, whether or not this step wrote it (a set install
-            # already published is not written again).
-            shas = commits(source for _, source in self._sources)
-            if shas:
-                self.metrics.set_commits(shas)
+            # already published is not written again), unless the check refused it: the last good set
+            # stays live, and so do its commits.
+            if self._live is not None and self._live.version == target.version:
+                self._report_commits(target)
             if self._pending is not None:
                 told = await self._tell(self._pending)
                 # What staging and telling took is not kept counted against the pod; after the app was
@@ -507,14 +517,14 @@ class Watcher:
             return None
         if not published:
             return None
-        self._live = target
+        self._live, self._has_set = target, True
         self.metrics.publishes.labels("published").inc()
         self.metrics.set_version(target.version, len(target.files))
         self.metrics.fallback.set(0)
         self._fallback = False
         with contextlib.suppress(OSError, PublishError):
             await self._blocking("clearing the fallback mark", clear_fallback, self._publisher.dest)
-        shas = commits(source for _, source in self._sources)
+        shas = self._set_commits.get(target.version, [])
         self._published_at = time.time()
         logger.info(
             "published %s (%d files)%s",
@@ -605,6 +615,7 @@ class Watcher:
         self._live = restored
         self.metrics.rollbacks.inc()
         self.metrics.set_version(restored.version, len(restored.files))
+        self._report_commits(restored)
         logger.error(
             "version %s failed verification (%s); rolled back to %s, and it will not be published again "
             "until the store changes",
@@ -612,6 +623,11 @@ class Watcher:
         )  # fmt: skip
         self._pending = _Pending(restored, verify=False, changed_at=None)
         return await self._tell(self._pending)
+
+    def _report_commits(self, live: Snapshot) -> None:
+        """Report the git commits of ``live``, the set now live; none when they are not known (a set
+        published before infantry started, and not read from the sources since)."""
+        self.metrics.set_commits(self._set_commits.get(live.version, []))
 
     def _refuse(self, snapshot: Snapshot, reason: str) -> None:
         self._refusals[snapshot.version] = reason
@@ -708,6 +724,7 @@ class Watcher:
             "healthy": not problems,
             "in_sync": in_sync,
             "live": self._live_status(live) if live is not None else None,
+            "configured": live is not None and self._has_set,
             "fallback": self._fallback,
             "app_told": live is not None and self._pending is None,
             "previous": self._publisher.previous_version,

@@ -96,8 +96,11 @@ class Member:
 class EtcdCluster:
     """A three-member etcd cluster on loopback: start, kill, freeze and restart members; read and write."""
 
-    def __init__(self, workdir: Path, size: int = 3) -> None:
+    def __init__(self, workdir: Path, size: int = 3, ports: list[int] | None = None) -> None:
+        """``ports``: the members' client ports (a cluster rebuilt where another one was); free ones if not given."""
         self.members = [Member(workdir / f"m{i}", f"m{i}") for i in range(size)]
+        for member, port in zip(self.members, ports or [], strict=False):
+            member.port = port
         self.token = f"infantry-{os.getpid()}-{free_port()}"
         self._lock = threading.Lock()
 
@@ -109,10 +112,12 @@ class EtcdCluster:
         """The source URL naming every member, in order."""
         return "etcd://" + ",".join(f"127.0.0.1:{m.port}" for m in self.members) + prefix
 
-    def start(self) -> None:
-        """Start every member (all at once: a new cluster needs a quorum to elect a leader)."""
-        for member in self.members:
-            member.start(self.initial_cluster, self.token)
+    def start(self, only: list[int] | None = None) -> None:
+        """Start every member, or those ``only`` names (all at once: a new cluster needs a quorum to elect
+        a leader)."""
+        for index, member in enumerate(self.members):
+            if only is None or index in only:
+                member.start(self.initial_cluster, self.token)
         self.wait_healthy()
 
     def start_member(self, index: int) -> None:

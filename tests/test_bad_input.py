@@ -348,6 +348,9 @@ def test_pydantic_never_quotes_a_secret_from_a_config_file(tmp_path: Path, text:
 def test_redact_url_survives_urls_that_do_not_parse() -> None:
     assert SECRET not in redact_url(f"http://[{SECRET}/x")
     assert redact_url(f"https://me:{SECRET}@h:8443/p?k={SECRET}") == "https://me:***@h:8443/p?***"
+    assert redact_url(f"https://{SECRET}@h/p") == "https://***@h/p"  # a token given as the user name
+    assert redact_url(f"https://me%3A{SECRET}@h/p") == "https://***@h/p"
+    assert redact_url("git+ssh://git@h/r.git") == "git+ssh://git@h/r.git"
 
 
 def test_a_config_that_is_a_fifo_is_refused_at_once_not_waited_on(store: Path, tmp_path: Path) -> None:

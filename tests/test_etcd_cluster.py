@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from infantry.settings import SourceSpec, etcd_endpoints, load_settings, read_co
 from infantry.snapshot import Limits
 from infantry.sources.etcd import EtcdSource
 from tests.etcd_cluster import EtcdCluster
-from tests.support import Etcd, SignalRecorder, Watch, infantry, wait_until
+from tests.support import Etcd, SignalRecorder, Watch, infantry, serve_loopback, wait_until
 
 # -- endpoint lists (no server) ----------------------------------------------------------------------
 
@@ -35,7 +36,6 @@ def test_a_comma_list_names_every_member_in_order() -> None:
         ("10.0.0.3", 2379),
     ]
     assert etcd_endpoints("etcds://[::1]:2379,[fe80::1]:2380/app/") == [("[::1]", 2379), ("[fe80::1]", 2380)]
-    assert etcd_endpoints("etcd://user:pw@h1:1,h2:2/app/") == [("h1", 1), ("h2", 2)]
     assert etcd_endpoints("etcd://h1:1/app/", ["h2:2", "etcd://h3:3", "http://h4:4"]) == [
         ("h1", 1),
         ("h2", 2),
@@ -81,16 +81,28 @@ def test_bad_endpoint_lists_are_refused_naming_the_problem(url: str, endpoints: 
     assert problem in str(caught.value)
 
 
-def test_credentials_in_an_endpoint_list_stay_redacted() -> None:
+def test_credentials_in_an_etcd_url_are_refused_without_echoing_them(tmp_path: Path) -> None:
+    """etcd takes no credentials in its URL: rather than go unused (every request anonymous), they are
+    refused as a setting, with the options to use instead, and the password never repeated."""
     url = "etcd://reader:Sup3rSecret@h1:2379,h2:2379/app/"
     assert redact_url(url) == "etcd://reader:***@h1:2379,h2:2379/app/"
-    spec = SourceSpec.model_validate({"url": url})
-    source = EtcdSource(spec, Limits(), 1.0, 10.0)
-    assert source.name == "etcd://reader:***@h1:2379,h2:2379/app/"
-    assert all("Sup3rSecret" not in member for member in source._members)
-    with pytest.raises(SettingsError) as caught:
-        load_settings({"source": ["etcd://reader:Sup3rSecret@h1:2379,h1:2379/app/"]}, {})
-    assert "Sup3rSecret" not in str(caught.value)
+    for given in (
+        {"source": [url]},
+        {"source": ["etcd://reader:Sup3rSecret@127.0.0.1:2379/app/"]},
+        {"source": ["etcd://reader:Sup3rSecret@h1:2379,h1:2379/app/"]},
+        {"source": [{"url": "etcd://reader:Sup3rSecret@/app/", "endpoints": ["h1:2379"]}]},
+    ):
+        with pytest.raises(SettingsError, match=r"--source #1: ") as caught:
+            load_settings(given, {})
+        assert "Sup3rSecret" not in str(caught.value)
+        assert "--username and --password-file" in str(caught.value)
+    with pytest.raises(ValueError, match="takes no user name or password"):
+        etcd_endpoints("etcd://user:pw@h1:1,h2:2/app/")
+    result = infantry("install", "--source", url, "--dest", str(tmp_path / "D"))
+    assert result.returncode == 2, result.stderr
+    assert "etcd://reader:***@h1:2379,h2:2379/app/" in result.stderr
+    assert "--username and --password-file" in result.stderr
+    assert "Sup3rSecret" not in result.stderr + result.stdout
 
 
 def test_the_config_file_takes_an_endpoints_list(tmp_path: Path) -> None:
@@ -113,30 +125,162 @@ def test_the_config_file_takes_an_endpoints_list(tmp_path: Path) -> None:
         read_config_file(config)
 
 
-def test_a_member_of_another_cluster_is_skipped_unless_every_member_moved() -> None:
-    """One member answering for another cluster is a mistake in the list; all of them, a rebuilt cluster."""
+def _header(cluster: str, revision: int) -> dict[str, object]:
+    return {"header": {"cluster_id": cluster, "revision": str(revision)}}
+
+
+def test_a_member_of_another_cluster_is_skipped_unless_most_members_moved() -> None:
+    """A minority answering for another cluster is a mistake in the list; a majority, the cluster followed."""
     source = EtcdSource(SourceSpec.model_validate({"url": "etcd://h1:1,h2:2,h3:3/app/"}), Limits(), 1.0, 10.0)
-
-    def answer(cluster: str, revision: int) -> dict[str, object]:
-        return {"header": {"cluster_id": cluster, "revision": str(revision)}}
-
-    assert not source._rebuilt(answer("111", 50))  # the first member pins the cluster
-    for member in (1, 2):
-        source._member = member
-        with pytest.raises(SourceError, match="answers for etcd cluster 222, not cluster 111"):
-            source._rebuilt(answer("222", 3))
+    assert not source._rebuilt(_header("111", 50))  # the first member pins the cluster
+    source._member = 1
+    with pytest.raises(SourceError, match=r"answers for etcd cluster 222, not cluster 111 .* skipping it"):
+        source._rebuilt(_header("222", 3))  # one member of three
     source._member = 0
-    assert not source._rebuilt(answer("111", 51))  # the first member is still of the cluster: it is followed
+    assert not source._rebuilt(_header("111", 51))  # the first member is still of the cluster: it is followed
     source._member = 1
     with pytest.raises(SourceError, match="skipping it"):
-        source._rebuilt(answer("222", 4))
-    source._member, source._foreign = 0, {1: "222", 2: "222"}
-    assert source._rebuilt(answer("222", 5))  # now every member answers for cluster 222: rebuilt, read again
+        source._rebuilt(_header("222", 4))  # asked again, still one member of three
+    source._member = 2
+    assert source._rebuilt(_header("222", 5))  # two of three (the third may be down): rebuilt, read again
     assert source._cluster_id == "222"
+    assert not source._rebuilt(_header("222", 6))
+    source._member = 0
+    with pytest.raises(SourceError, match="answers for etcd cluster 111, not cluster 222"):
+        source._rebuilt(_header("111", 52))  # the member left behind is the minority now
+    assert source._cluster_id == "222"
+
+    # Of four members, two are not a majority; three are. A member back with the followed cluster no
+    # longer counts for the other one.
+    four = EtcdSource(SourceSpec.model_validate({"url": "etcd://h1:1,h2:2,h3:3,h4:4/app/"}), Limits(), 1.0, 10.0)
+    assert not four._rebuilt(_header("999", 7))  # a stray member, listed first, answered first
+    for member in (1, 2):
+        four._member = member
+        with pytest.raises(SourceError, match=r"\(\d of 4 members answered for it\); skipping it"):
+            four._rebuilt(_header("111", 50))
+    four._member = 1
+    assert not four._rebuilt(_header("999", 8))
+    four._member = 3
+    with pytest.raises(SourceError, match=r"\(2 of 4 members answered for it\)"):
+        four._rebuilt(_header("111", 51))
+    four._member = 2
+    with pytest.raises(SourceError, match=r"\(2 of 4 members answered for it\)"):
+        four._rebuilt(_header("111", 52))  # a member asked twice counts once
+    assert four._cluster_id == "999"
+    four._member = 1
+    assert four._rebuilt(_header("111", 53))  # members 1, 2 and 3 of four
+    assert four._cluster_id == "111"
     # With one member, a new cluster ID is a store rebuilt from scratch, as before.
     single = EtcdSource(SourceSpec.model_validate({"url": "etcd://h1:1/app/"}), Limits(), 1.0, 10.0)
-    assert not single._rebuilt(answer("111", 50))
-    assert single._rebuilt(answer("222", 60))
+    assert not single._rebuilt(_header("111", 50))
+    assert single._rebuilt(_header("222", 60))
+
+
+def test_a_refusal_is_permanent_once_every_member_refused_in_a_row() -> None:
+    source = EtcdSource(SourceSpec.model_validate({"url": "etcd://h1:1,h2:2,h3:3/app/"}), Limits(), 1.0, 10.0)
+    for member in (0, 1, 0):
+        source._member = member
+        assert source._refusal("HTTP 403: no").temporary
+    source._refused.clear()  # a good answer came between
+    for member in (2, 0):
+        source._member = member
+        assert source._refusal("HTTP 403: no").temporary
+    source._member = 1
+    assert not source._refusal("HTTP 403: no").temporary
+    single = EtcdSource(SourceSpec.model_validate({"url": "etcd://h1:1/app/"}), Limits(), 1.0, 10.0)
+    assert not single._refusal("HTTP 403: no").temporary
+    assert single._malformed("not JSON").__class__.__name__ == "UnsafeDataError"
+    malformed = source._malformed("not JSON")
+    assert isinstance(malformed, SourceError) and malformed.temporary
+
+
+# -- members that are not etcd's ---------------------------------------------------------------------
+
+
+class FakeMember:
+    """A listed member that answers every request with ``status`` and ``body``: another service on its
+    port, a proxy's page, an etcd without its JSON gateway."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        outer = self
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                outer.requests += 1
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self._server = serve_loopback(Handler)
+        self.port = self._server.server_address[1]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def fakes() -> Iterator[list[FakeMember]]:
+    started: list[FakeMember] = []
+    yield started
+    for fake in started:
+        fake.stop()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "alone"),
+    [
+        (200, b"<html>hello</html>", 5),  # not etcd's JSON: alone, refused data, as before
+        (200, b"{}", 5),  # JSON, but no header
+        (404, b"Not Found", 3),  # etcd without its JSON gateway: alone, a permanent refusal
+        (403, b'{"error":"forbidden","code":7,"message":"forbidden"}', 3),
+    ],
+)
+def test_a_member_that_does_not_answer_as_etcd_is_left_for_the_next(
+    etcd: Etcd, tmp_path: Path, watches: list[Watch], fakes: list[FakeMember], status: int, body: bytes, alone: int
+) -> None:
+    fake = FakeMember(status, body)
+    fakes.append(fake)
+    etcd.put("/app/seq", "1")
+    url = f"etcd://127.0.0.1:{fake.port},127.0.0.1:{etcd.port}/app/"
+    result = infantry("install", "--source", url, "--dest", str(tmp_path / "I"), "--timeout", "60")
+    assert result.returncode == 0, result.stderr
+    assert consistent_view(tmp_path / "I") == {"seq": "1"}
+    assert f"member http://127.0.0.1:{fake.port} failed" in result.stderr
+    assert f"trying http://127.0.0.1:{etcd.port} next" in result.stderr
+    dest = tmp_path / "D"
+    watch = Watch(tmp_path, ["--source", url, "--dest", str(dest), "--interval", "0.5", "--request-timeout", "3"])
+    watches.append(watch)
+    watch.wait_ready(timeout=60)
+    wait_until("the first set", lambda: consistent_view(dest) == {"seq": "1"}, timeout=30)
+    etcd.put("/app/seq", "2")
+    wait_until("the change", lambda: consistent_view(dest) == {"seq": "2"}, timeout=30)
+    assert fake.requests >= 2  # install and watch each asked it first
+    # The same member alone: nothing else to try, so its answer stands (as it always did).
+    started = time.monotonic()
+    only = f"etcd://127.0.0.1:{fake.port}/app/"
+    result = infantry("install", "--source", only, "--dest", str(tmp_path / "J"), "--timeout", "60")
+    assert result.returncode == alone, result.stderr
+    assert time.monotonic() - started < 30, "refused at once, not after --timeout"
+
+
+def test_every_member_refusing_is_permanent(tmp_path: Path, fakes: list[FakeMember]) -> None:
+    """Wrong credentials, or no gateway, on every member: install gives up at once, not after --timeout."""
+    fakes.extend(FakeMember(403, b'{"error":"permission denied","code":7}') for _ in range(3))
+    url = "etcd://" + ",".join(f"127.0.0.1:{fake.port}" for fake in fakes) + "/app/"
+    started = time.monotonic()
+    result = infantry("install", "--source", url, "--dest", str(tmp_path / "I"), "--timeout", "60")
+    assert result.returncode == 3, result.stderr
+    assert time.monotonic() - started < 30, result.stderr
+    assert "HTTP 403" in result.stderr
+    assert "sources unreachable after" not in result.stderr
+    assert all(fake.requests == 1 for fake in fakes), [fake.requests for fake in fakes]
 
 
 # -- failover against a real cluster ---------------------------------------------------------------
@@ -428,7 +572,7 @@ def test_a_member_of_another_cluster_is_refused(
         url = f"etcd://127.0.0.1:{m0.port},127.0.0.1:{stranger.port},127.0.0.1:{m1.port},127.0.0.1:{m2.port}/app/"
         dest = tmp_path / "D"
         watch = Watch(tmp_path, ["--source", url, "--dest", str(dest), "--interval", "0.5", "--request-timeout", "3",
-                                 "--pid-file", str(app.pid_file)])  # fmt: skip
+                                 "--pid-file", str(app.pid_file), "--stale-after", "4"])  # fmt: skip
         watches.append(watch)
         watch.wait_ready(timeout=60)
         history = History(dest)
@@ -439,6 +583,90 @@ def test_a_member_of_another_cluster_is_refused(
         wait_until("the stranger to be refused", lambda: "answers for etcd cluster" in watch.log(), timeout=60)
         finish(watch, writer, history, app, dest)
         assert all("intruder" not in view for view in history.views)
+        # Only the stranger answers now: a skipped answer is no good answer, so health goes stale, and
+        # the destination keeps the cluster's last set.
+        m1.kill()
+        m2.kill()
+        wait_until("/healthz to say stale", lambda: watch.get("/healthz")[0] == 503, timeout=60)
+        lines = len(watch.log().splitlines())
+        wait_until(
+            "the stranger to be skipped again",
+            lambda: "answers for etcd cluster" in "\n".join(watch.log().splitlines()[lines:]),
+            timeout=60,
+        )
+        assert watch.get("/healthz")[0] == 503
+        assert consistent_view(dest) == writer.expected()
+        assert watch.proc.poll() is None, watch.log()
+    finally:
+        stranger.stop()
+
+
+def test_a_cluster_restored_with_a_member_still_down_is_followed(
+    cluster: EtcdCluster, tmp_path: Path, watches: list[Watch], app: SignalRecorder
+) -> None:
+    """The cluster is restored (a new cluster ID) on the same addresses, one member not back yet: two
+    of the three members listed answer for it, a majority, so it is followed and read again."""
+    watch, dest, _, history = follow_through(cluster, tmp_path, watches, stale_after=4)
+    for member in cluster.members:
+        member.kill()
+    wait_until("/healthz to say stale", lambda: watch.get("/healthz")[0] == 503, timeout=60)
+    restored = EtcdCluster(tmp_path / "restored", ports=[member.port for member in cluster.members])
+    try:
+        restored.start(only=[0, 1])
+        restored.put("/app/seq", "restored")
+        restored.put("/app/new", "only in the restored cluster")
+        expected = {"seq": "restored", "new": "only in the restored cluster"}  # k1 went without a delete event
+        wait_until("the restored cluster's set", lambda: consistent_view(dest) == expected, timeout=60)
+        log = watch.log()
+        assert "of 3 members answered for it); skipping it" in log, log
+        assert "the store was rebuilt" in log, log
+        wait_until("/healthz to be green again", lambda: watch.get("/healthz")[0] == 200, timeout=30)
+        wait_until("/readyz to be green again", lambda: watch.get("/readyz")[0] == 200, timeout=30)
+        restored.put("/app/seq", "restored 2")
+        expected["seq"] = "restored 2"
+        wait_until("a change in the restored cluster", lambda: consistent_view(dest) == expected, timeout=60)
+        history.stop()
+        assert all("new" not in view or "k1" not in view for view in history.views), "two clusters mixed"
+        assert watch.proc.poll() is None, watch.log()
+    finally:
+        restored.stop()
+
+
+def test_a_stray_member_listed_first_gives_way_to_the_cluster_most_members_answer_for(
+    cluster: EtcdCluster, tmp_path: Path, watches: list[Watch], app: SignalRecorder
+) -> None:
+    """A single-node etcd listed first answers first, so its set is published; once it is gone, the
+    cluster that three of the four members listed answer for is followed, not refused for good."""
+    stranger = Etcd(tmp_path / "stranger")
+    stranger.start()
+    try:
+        stranger.put("/app/seq", "999")
+        stranger.put("/app/intruder", "not this cluster's")
+        writer = Writer(cluster)
+        writer.write(1)
+        url = f"etcd://127.0.0.1:{stranger.port}," + cluster.url().removeprefix("etcd://")
+        dest = tmp_path / "D"
+        watch = Watch(tmp_path, ["--source", url, "--dest", str(dest), "--interval", "0.5", "--request-timeout", "3",
+                                 "--pid-file", str(app.pid_file), "--stale-after", "4"])  # fmt: skip
+        watches.append(watch)
+        watch.wait_ready(timeout=60)
+        stray = {"seq": "999", "intruder": "not this cluster's"}
+        wait_until("the stranger's set", lambda: consistent_view(dest) == stray, timeout=30)
+        history = History(dest)
+        stranger.kill()
+        writer.write(3)
+        wait_until("the cluster's set", lambda: consistent_view(dest) == writer.expected(), timeout=60)
+        log = watch.log()
+        assert "(1 of 4 members answered for it); skipping it" in log, log
+        assert "(2 of 4 members answered for it); skipping it" in log, log
+        assert "the store was rebuilt" in log, log
+        wait_until("/healthz to be green", lambda: watch.get("/healthz")[0] == 200, timeout=30)
+        wait_until("/readyz to be green", lambda: watch.get("/readyz")[0] == 200, timeout=30)
+        writer.write(2)
+        wait_until("later changes", lambda: consistent_view(dest) == writer.expected(), timeout=60)
+        history.stop()
+        assert all("intruder" not in view for view in history.views[1:]), history.views
+        assert watch.proc.poll() is None, watch.log()
     finally:
         stranger.stop()
 

@@ -13,17 +13,19 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from infantry.errors import SourceError
+from infantry.errors import SourceError, UnsafeDataError
 from infantry.publish import SPOOL
 from infantry.settings import SourceSpec
 from infantry.snapshot import Limits
-from infantry.sources.git import GitSource
+from infantry.sources.git import GitSource, _TreeReader
 from tests.git_servers import HTTP_PASSWORD, HTTP_TOKEN, HTTP_USER, GitDaemon, GitHttp, Link, Repo, Sshd, git
-from tests.support import TlsFiles, Watch, free_port, infantry, read_as_app, tree, wait_until
+from tests.support import TlsFiles, Watch, free_port, infantry, infantry_measured, read_as_app, tree, wait_until
 
 FILES = {"conf/app.yaml": "color: blue\n", "conf/extra/x.conf": "x=1\n", "README.md": "# the repo\n"}
 
@@ -223,6 +225,8 @@ def test_ssh_with_a_key_and_known_hosts(repo: Repo, sshd: Sshd, tmp_path: Path) 
 
 def test_ssh_unknown_host_key_exits_3_with_a_hint(repo: Repo, sshd: Sshd, tmp_path: Path) -> None:
     repo.commit(FILES)
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
     started = time.monotonic()
     code, err = install(
         "--source",
@@ -230,7 +234,7 @@ def test_ssh_unknown_host_key_exits_3_with_a_hint(repo: Repo, sshd: Sshd, tmp_pa
         "--ssh-key-file",
         str(sshd.client_key),
         "--ssh-known-hosts",
-        str(sshd.wrong_known_hosts),
+        str(empty),
         "--dest",
         str(tmp_path / "D"),
         "--timeout",
@@ -238,8 +242,24 @@ def test_ssh_unknown_host_key_exits_3_with_a_hint(repo: Repo, sshd: Sshd, tmp_pa
     )
     assert code == 3, err
     assert time.monotonic() - started < 30
-    assert "host key" in err and "ssh-keyscan" in err
+    assert "host key is not in the known_hosts" in err and "ssh-keyscan" in err
     assert tree(tmp_path / "D") == {}
+    # Another key for this host in known_hosts: not a key to add, a warning of a possible interception.
+    code, err = install("--source", sshd.url(repo.bare), "--ssh-key-file", str(sshd.client_key),
+                        "--ssh-known-hosts", str(sshd.wrong_known_hosts), "--dest", str(tmp_path / "C"),
+                        "--timeout", "60")  # fmt: skip
+    assert code == 3, err
+    assert "host key DIFFERS" in err and "man-in-the-middle" in err and "ssh-keyscan" not in err
+    assert tree(tmp_path / "C") == {}
+    # A key file others may read: ssh will not use it, and says why.
+    loose = tmp_path / "loose_key"
+    loose.write_bytes(sshd.client_key.read_bytes())
+    loose.chmod(0o644)
+    code, err = install("--source", sshd.url(repo.bare), "--ssh-key-file", str(loose),
+                        "--ssh-known-hosts", str(sshd.known_hosts), "--dest", str(tmp_path / "L"),
+                        "--timeout", "60")  # fmt: skip
+    assert code == 3, err
+    assert "others may read it" in err and "chmod 600" in err
     # A key the server does not accept is refused at once too.
     code, err = install(
         "--source",
@@ -511,6 +531,8 @@ def test_a_drip_fed_answer_times_out_and_leaves_no_thread_behind(scheme: str) ->
             for _ in range(4):
                 with pytest.raises(SourceError, match="request timeout"):
                     await source.poll()
+                # One worker at a time: the next poll waits for the one stopped at its deadline to end.
+                assert sum(thread.name == "infantry-worker" for thread in threading.enumerate()) <= 1
         finally:
             await source.aclose()
 
@@ -520,3 +542,204 @@ def test_a_drip_fed_answer_times_out_and_leaves_no_thread_behind(scheme: str) ->
         wait_until("the workers to end", lambda: threading.active_count() <= before + 1, timeout=10)
     finally:
         server.close()
+
+
+# -- bounds: a tree that names itself over and over, a dumb server, large objects ---------------------------
+
+
+def _bomb(repo: Repo) -> None:
+    """A commit of a few small tree objects naming one another a thousand times at each of three levels:
+    a billion directories, from four trees."""
+    made = git("mktree", cwd=repo.bare, stdin=b"")
+    for _ in range(3):
+        made = git("mktree", cwd=repo.bare, stdin="".join(f"040000 tree {made}\td{i}\n" for i in range(1000)).encode())
+    app = git("hash-object", "-w", "--stdin", cwd=repo.bare, stdin=b"ok\n")
+    root = git("mktree", cwd=repo.bare, stdin=f"100644 blob {app}\tapp.yaml\n040000 tree {made}\tbomb\n".encode())
+    git("update-ref", "refs/heads/main", git("commit-tree", root, "-m", "bomb", cwd=repo.bare), cwd=repo.bare)
+
+
+def test_a_billion_directories_from_four_trees_are_refused_at_once(
+    repo: Repo, daemon: GitDaemon, tmp_path: Path
+) -> None:
+    _bomb(repo)
+    started = time.monotonic()
+    code, err = install("--source", daemon.url(fragment="ref=main"), "--dest", str(tmp_path / "D"), "--timeout", "60")
+    assert code == 5, err
+    assert "more than 210000 entries to walk (2 x max-files + 10000" in err, err
+    assert time.monotonic() - started < 45  # bounded by the walk's budget, not by the tree's size
+    assert tree(tmp_path / "D") == {}
+    # Fewer files allowed, a smaller budget: the walk is refused sooner still.
+    code, err = install("--source", repo.file_url(), "--dest", str(tmp_path / "E"), "--max-files", "100")
+    assert code == 5, err
+    assert "more than 10200 entries to walk" in err, err
+
+
+def test_a_poll_of_a_billion_directories_ends_and_leaves_no_worker_behind(
+    repo: Repo, daemon: GitDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _bomb(repo)
+    before = threading.active_count()
+    walks = []
+    walk = _TreeReader.run
+
+    def counted(reader: _TreeReader) -> list[str]:
+        walks.append(1)
+        return walk(reader)
+
+    monkeypatch.setattr(_TreeReader, "run", counted)
+
+    async def polls() -> None:
+        spec = SourceSpec.model_validate({"url": daemon.url(fragment="ref=main")})
+        source = GitSource(spec, Limits(max_files=1000), 1.0, request_timeout=5)
+        try:
+            for _ in range(3):
+                with pytest.raises(UnsafeDataError, match="more than 12000 entries to walk"):
+                    await source.poll()
+            source.refresh()  # as watch does when the spool was emptied: the refusal stands
+            with pytest.raises(UnsafeDataError, match="more than 12000 entries to walk"):
+                await source.fetch()
+        finally:
+            await source.aclose()
+
+    asyncio.run(polls())
+    assert len(walks) == 1  # a refused commit is refused again at once, not fetched and walked again
+    wait_until("the workers to end", lambda: threading.active_count() <= before, timeout=20)
+
+
+class _StaticFiles:
+    """A plain web server over a directory (what "dumb" HTTP git needs), recording the paths asked for."""
+
+    def __init__(self, root: Path) -> None:
+        asked = self.asked = list[str]()
+
+        class Handler(SimpleHTTPRequestHandler):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, directory=str(root), **kwargs)
+
+            def send_head(self) -> Any:
+                asked.append(self.path)
+                return super().send_head()
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_dumb_http_server_is_refused_before_any_object_is_fetched(repo: Repo, tmp_path: Path) -> None:
+    repo.commit(FILES)
+    git("update-server-info", cwd=repo.bare)
+    server = _StaticFiles(repo.root)
+    try:
+        started = time.monotonic()
+        code, err = install("--source", f"git+http://127.0.0.1:{server.port}/repo.git#ref=main",
+                            "--dest", str(tmp_path / "D"), "--timeout", "60")  # fmt: skip
+        assert code == 3, err
+        assert time.monotonic() - started < 30  # at once: it will not get better by asking again
+        assert "smart HTTP" in err and '"dumb" HTTP' in err, err
+        assert server.asked and not any("/objects/" in path for path in server.asked), server.asked
+        assert tree(tmp_path / "D") == {}
+    finally:
+        server.close()
+
+
+def test_an_object_past_max_file_size_is_refused_even_outside_path_without_being_inflated(
+    repo: Repo, daemon: GitDaemon, tmp_path: Path
+) -> None:
+    # 96 MiB of zeros outside path is a pack of about 100 KiB: refused from what it declares, whole.
+    repo.commit({"conf/app.yaml": "ok\n", "assets/zeros.bin": b"\0" * (96 << 20)})
+    result, peak = infantry_measured(tmp_path, "install", "--source", daemon.url(fragment="ref=main&path=conf"),
+                                     "--dest", str(tmp_path / "D"), "--timeout", "60")  # fmt: skip
+    assert result.returncode == 5, result.stderr
+    assert "over the per-file limit of 8388608 (--max-file-size; every object the pack holds counts" in result.stderr
+    assert peak < 90, f"peaked at {peak:.1f} MiB"
+    assert tree(tmp_path / "D") == {}
+
+
+def test_deltified_objects_outside_path_are_held_one_at_a_time(repo: Repo, daemon: GitDaemon, tmp_path: Path) -> None:
+    # Four near-identical 6 MiB files, packed as deltas of one another, each under --max-file-size: the
+    # set (path=conf) is published, and reading the pack held about one of them at a time.
+    files: dict[str, str | bytes] = {"conf/app.yaml": "ok\n"}
+    for i in range(4):
+        data = bytearray(os.urandom(1 << 20) * 6)
+        data[-8:] = i.to_bytes(8, "big")
+        files[f"assets/big{i}.bin"] = bytes(data)
+    repo.commit(files)
+    git("repack", "-adf", "--window=10", cwd=repo.bare)
+    result, peak = infantry_measured(tmp_path, "install", "--source", daemon.url(fragment="ref=main&path=conf"),
+                                     "--dest", str(tmp_path / "D"), "--timeout", "60")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert read_as_app(tmp_path / "D") == {"app.yaml": "ok\n"}
+    assert peak < 110, f"peaked at {peak:.1f} MiB"
+
+
+# -- the commit reported is the live set's ----------------------------------------------------------------
+
+
+def test_the_commit_reported_is_the_live_sets_after_a_refusal_and_after_a_rollback(
+    repo: Repo, tmp_path: Path, watches: list[Watch]
+) -> None:
+    check = tmp_path / "check.sh"
+    check.write_text('#!/bin/sh\n! grep -rq REFUSE "$1"\n')
+    check.chmod(0o755)
+    verify = tmp_path / "verify.sh"
+    verify.write_text(f"#!/bin/sh\n! grep -q FAILS {tmp_path / 'D' / 'app.yaml'}\n")
+    verify.chmod(0o755)
+    first = repo.commit({"app.yaml": "v: 1\n"})
+    dest = tmp_path / "D"
+    watch = Watch(tmp_path, ["--source", repo.file_url("ref=main"), "--dest", str(dest), "--interval", "0.3",
+                             "--check", str(check), "--exec", "/bin/true", "--verify-cmd", str(verify),
+                             "--verify-timeout", "5"])  # fmt: skip
+    watches.append(watch)
+    watch.wait_ready()
+    wait_until("the first commit reported", lambda: watch.metric("infantry_git_commit_info", sha=first) == 1)
+
+    # The check refuses the second commit: the first stays live, and so does its commit.
+    refused = repo.commit({"app.yaml": "REFUSE: 2\n"})
+    wait_until("the refusal", lambda: "not published, keeping" in watch.log())
+    assert watch.metric("infantry_git_commit_info", sha=first) == 1
+    assert watch.metric("infantry_git_commit_info", sha=refused) == 0
+    assert f"commit {refused[:12]}" not in watch.log()
+    assert read_as_app(dest) == {"app.yaml": "v: 1\n"}
+
+    # The third is published, fails verification, and is rolled back to the first.
+    failing = repo.commit({"app.yaml": "FAILS: 3\n"})
+    wait_until("the rollback", lambda: "rolled back to" in watch.log(), timeout=40)
+    assert f"commit {failing[:12]}" in watch.log()  # the publish line named the commit it published
+    wait_until("the first commit reported again", lambda: watch.metric("infantry_git_commit_info", sha=first) == 1)
+    assert watch.metric("infantry_git_commit_info", sha=failing) == 0
+    assert read_as_app(dest) == {"app.yaml": "v: 1\n"}
+
+    # A good commit: published, and reported.
+    good = repo.commit({"app.yaml": "v: 4\n"})
+    wait_until("the good commit reported", lambda: watch.metric("infantry_git_commit_info", sha=good) == 1)
+    assert watch.metric("infantry_git_commit_info", sha=first) == 0
+    assert read_as_app(dest) == {"app.yaml": "v: 4\n"}
+
+
+# -- local work has no deadline; one worker at a time -----------------------------------------------------
+
+
+def test_reading_a_large_pack_is_not_cut_by_the_request_timeout(repo: Repo) -> None:
+    # Thousands of files: making the pack from a local repository and reading it into a set is local
+    # work, which the request timeout (meant for a peer that stalls) does not cut short.
+    repo.commit({f"conf/f{i}.yaml": f"n: {i}\n" + "x" * 2000 for i in range(4000)})
+    before = threading.active_count()
+
+    async def polls() -> None:
+        spec = SourceSpec.model_validate({"url": repo.file_url("ref=main")})
+        source = GitSource(spec, Limits(), 1.0, request_timeout=0.05)
+        try:
+            snapshot = await source.fetch()
+            assert len(snapshot.files) == 4000
+        finally:
+            await source.aclose()
+
+    asyncio.run(polls())
+    wait_until("the worker to end", lambda: threading.active_count() <= before, timeout=20)

@@ -11,8 +11,9 @@ import pytest
 from pydantic import ValidationError
 
 from infantry.errors import UnsafeDataError
-from infantry.settings import SourceSpec, load_settings
-from infantry.sources.git import _PackScan, _Ssh, _ssh_argv, remote_url
+from infantry.settings import SourceSpec, load_settings, redact_url
+from infantry.sources.git import _client, _Guard, _origin, _PackScan, _Ssh, _ssh_argv, remote_url
+from tests.support import infantry
 
 # -- settings ------------------------------------------------------------------------------------------
 
@@ -95,7 +96,7 @@ def test_a_plain_pack_passes() -> None:
 
 
 def test_an_object_past_the_cap_is_refused_before_it_is_inflated() -> None:
-    with pytest.raises(UnsafeDataError, match="over the limit"):
+    with pytest.raises(UnsafeDataError, match="over the per-file limit of 1048576"):
         _scan(_pack((3, b"", b"\0" * (8 << 20))), object_cap=1 << 20, inflate_cap=4 << 20)
 
 
@@ -107,8 +108,17 @@ def test_objects_past_the_total_are_refused() -> None:
 def test_a_delta_that_makes_a_huge_object_is_refused() -> None:
     # A delta of a few bytes whose header says it makes 1 GiB: refused from the header alone.
     delta = bytes([5]) + bytes([0x80, 0x80, 0x80, 0x80, 0x04]) + b"\x01x"
-    with pytest.raises(UnsafeDataError, match="over the limit"):
+    with pytest.raises(UnsafeDataError, match="over the per-file limit"):
         _scan(_pack((7, b"\x11" * 20, delta)))
+
+
+@pytest.mark.parametrize("kind", [1, 2, 3, 4])
+def test_every_object_counts_against_max_file_size_whatever_its_type(kind: int) -> None:
+    # The cap is --max-file-size for every object, not --max-total-size: reading the pack inflates each
+    # one whole, so one object must not be larger than a file may be.
+    _scan(_pack((kind, b"", b"\0" * (1 << 20))), object_cap=1 << 20, inflate_cap=64 << 20)
+    with pytest.raises(UnsafeDataError, match=r"per-file limit of 1048576 \(--max-file-size; every object"):
+        _scan(_pack((kind, b"", b"\0" * ((1 << 20) + 1))), object_cap=1 << 20, inflate_cap=64 << 20)
 
 
 @pytest.mark.parametrize(
@@ -124,3 +134,85 @@ def test_a_delta_that_makes_a_huge_object_is_refused() -> None:
 def test_malformed_packs_are_refused(pack: bytes, expected: str) -> None:
     with pytest.raises(UnsafeDataError, match=expected):
         _scan(pack)
+
+
+# -- credentials: to the source's origin only ----------------------------------------------------------
+
+
+def test_an_origin_has_its_port_made_explicit() -> None:
+    assert _origin("http://H/r.git") == _origin("http://h:80/x") == ("http", "h", 80)
+    assert _origin("https://h/r.git") == ("https", "h", 443)
+    assert _origin("http://h:8080/r.git") != _origin("http://h/r.git")
+    assert _origin("https://h:80/") != _origin("http://h:80/")
+
+
+class _RecordingPool:
+    """Stands in for the HTTP connection pool: records the headers of each request, answers 200."""
+
+    headers: dict[str, str] = {}  # noqa: RUF012
+
+    def __init__(self) -> None:
+        self.sent: dict[str, dict[str, str]] = {}
+
+    def request(self, method: str, url: str, headers: dict[str, str], **_: object) -> object:
+        self.sent[url] = headers
+
+        class Answer:
+            status = 200
+            headers: dict[str, str] = {}  # noqa: RUF012
+
+            def geturl(self) -> str:
+                return url
+
+            def read(self, n: int = -1) -> bytes:
+                return b""
+
+        return Answer()
+
+
+def test_the_bearer_token_goes_to_the_sources_own_scheme_host_and_port_only(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    cases = {
+        # A redirect to the same host without a port goes to port 80: another origin than :8080.
+        "git+http://127.0.0.1:8080/r.git": {
+            "http://127.0.0.1:8080/r.git/info/refs": True,
+            "http://127.0.0.1/r.git/info/refs": False,
+            "http://127.0.0.1:80/r.git/info/refs": False,
+            "https://127.0.0.1:8080/r.git/info/refs": False,
+            "http://localhost:8080/r.git/info/refs": False,
+        },
+        "git+http://127.0.0.1/r.git": {
+            "http://127.0.0.1/r.git/info/refs": True,
+            "http://127.0.0.1:80/r.git/info/refs": True,
+            "http://127.0.0.1:8080/r.git/info/refs": False,
+        },
+    }
+    for source, urls in cases.items():
+        pool = _RecordingPool()
+        spec = SourceSpec.model_validate({"url": source, "bearer_token_file": str(token), "headers": {"X-Team": "a"}})
+        client, _ = _client(remote_url(source), spec, _Guard(), 1.0, pool)
+        for url, own in urls.items():
+            client._http_request(url)  # type: ignore[attr-defined]
+            assert (pool.sent[url].get("Authorization") == "Bearer t0ken") == own, (source, url)
+            assert (pool.sent[url].get("X-Team") == "a") == own, (source, url)  # --header reaches git+http
+
+
+# -- what a URL may show ---------------------------------------------------------------------------------
+
+
+def test_a_password_cut_at_an_unencoded_hash_is_never_shown() -> None:
+    url = "git+http://alice:p4ss#ref=X@127.0.0.1:1/r.git"
+    with pytest.raises(ValidationError) as info:
+        SourceSpec.model_validate({"url": url})
+    message = info.value.errors()[0]["msg"]
+    assert "p4ss" not in message and "alice" not in message and "percent-encoded" in message
+    result = infantry("install", "--source", url, "--dest", "/nonexistent/infantry-test")
+    assert result.returncode == 2, result.stderr
+    assert "p4ss" not in result.stderr and "alice" not in result.stderr and "git+http://…" in result.stderr
+    assert redact_url("git+http://alice:p4ss") == "git+http://…"
+    assert redact_url(url) == "git+http://…"
+    assert redact_url("git+http://alice:p4ss@h:8080/r.git") == "git+http://alice:***@h:8080/r.git"
+    # No password, none hinted at.
+    assert redact_url("git+ssh://git@h:22/r.git") == "git+ssh://git@h:22/r.git"
+    assert redact_url("etcd://h1:2379,h2:2379/p/") == "etcd://h1:2379,h2:2379/p/"

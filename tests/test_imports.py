@@ -76,3 +76,19 @@ def test_the_same_modules_come_when_their_option_is_given(etcd: Etcd, tmp_path: 
         published=str(dest / "app.conf"),
     )  # fmt: skip
     assert {"yaml", "infantry.yamlfile", "prometheus_client"} <= modules  # the test above can fail
+
+
+def test_metrics_nobody_can_read_accept_every_call_the_real_ones_get() -> None:
+    from infantry.health import Metrics, NullMetrics
+
+    real, null = Metrics(), NullMetrics()
+    instruments = [name for name, value in vars(real).items() if name != "registry" and hasattr(value, "collect")]
+    assert len(instruments) >= 10
+    for name in instruments:
+        instrument = getattr(null, name)
+        instrument.labels("a", "b").inc()
+        instrument.set(1)
+        instrument.observe(0.5)
+        instrument.clear()
+    null.set_version("v" * 64, 3)
+    null.set_commits(["c" * 40])

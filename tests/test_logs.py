@@ -29,7 +29,7 @@ def test_the_start_line_carries_the_effective_settings_with_no_secret(tmp_path: 
         "--source", f"http://reader:hunter2-password@127.0.0.1:{free_port()}/app.conf",
         "--dest", str(tmp_path / "D"),
         "--header", "Authorization: Bearer hunter2-token",
-        "--check", "true --token hunter2-arg",
+        "--check", "true\t--token hunter2-arg",  # any white space separates the arguments
         "--timeout", "1",
         "--log-format", "json",
     )  # fmt: skip

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +130,10 @@ def test_the_direct_layout(source: Path, tmp_path: Path) -> None:
     (dest / "conf.d" / "extra.conf").unlink()
     code, state = status(dest)
     assert code == 1 and state["live"] is None and "missing" in state["problems"][0]
+    shutil.rmtree(dest / "conf.d")
+    (dest / "conf.d").symlink_to("/etc")  # a link where a directory of the set belongs: not followed
+    code, state = status(dest)
+    assert code == 1 and state["live"] is None and state["problems"], state
 
 
 def test_versions_are_read_back_with_the_file_mode_they_were_published_with(source: Path, tmp_path: Path) -> None:
@@ -180,3 +188,57 @@ def test_configured_is_503_until_a_set_is_live(tmp_path: Path, watches: list[Wat
     watches.append(watch)
     wait_until("the health server", lambda: watch.get("/configured")[0] == 503)
     assert "no set is live" in watch.get("/configured")[1]
+
+
+def test_a_tree_deeper_than_recursion_allows_is_read(source: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "D"
+    install(source, dest)
+    deep = next(dest.glob("..20*")) / "conf.d"
+    made = []
+    for _ in range(1500):  # deeper than Python's recursion limit: an os.walk of it raises
+        deep = deep / "a"
+        deep.mkdir()  # one at a time: pathlib's mkdir(parents=True) recurses too
+        made.append(deep)
+    (deep / "f").write_text("x")
+    try:
+        code, state = status(dest)
+        assert code == 0 and state["live"]["files"] == 3, state
+    finally:  # taken down without recursion, so that no later clean-up of the temporary tree meets it
+        (deep / "f").unlink()
+        for directory in reversed(made):
+            directory.rmdir()
+
+
+def test_a_directory_of_the_set_the_reader_cannot_list_is_not_whole(source: Path) -> None:
+    base = Path(tempfile.mkdtemp(prefix="infantry-status-"))
+    try:
+        base.chmod(0o755)  # the unprivileged reader below may reach the destination, not what it hides
+        dest = base / "D"
+        install(source, dest)
+        (next(dest.glob("..20*")) / "conf.d").chmod(0o700)
+        result = subprocess.run(
+            ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-m", "infantry",
+             "status", "--dest", str(dest), "--json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "cannot be read whole" in json.loads(result.stdout)["problems"][0]
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_snapshot_name_that_is_no_time_is_reported_not_a_crash(source: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "D"
+    install(source, dest)
+    live = next(dest.glob("..20*"))
+    odd = dest / "..2026_13_45_99_99_99.000000000"
+    live.rename(odd)
+    (dest / "..data").unlink()
+    (dest / "..data").symlink_to(odd.name)
+    code, state = status(dest)
+    assert code == 0 and state["live"]["files"] == 2
+    watch = subprocess.run(
+        [sys.executable, "-m", "infantry", "install", "--source", source.as_uri(), "--dest", str(dest)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert watch.returncode == 0, watch.stderr

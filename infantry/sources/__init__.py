@@ -89,6 +89,18 @@ def commits(sources: Iterable[Source]) -> list[str]:
     return [commit for commit in found if isinstance(commit, str)]
 
 
+def commits_of(sources: Iterable[Source], versions: Iterable[str | None]) -> list[str]:
+    """The commits of a set assembled from the answers of ``versions`` (one per source, in order): for
+    each git source, the commit its answer of that version was read at, when it still remembers it."""
+    found: list[str] = []
+    for source, version in zip(sources, versions, strict=False):
+        commit_of = getattr(source, "commit_of", None)
+        commit = commit_of(version) if callable(commit_of) and version is not None else None
+        if isinstance(commit, str):
+            found.append(commit)
+    return found
+
+
 def commit_note(shas: Iterable[str]) -> str:
     """``; commit 0123456789ab`` for the publish log line, or nothing without a git source."""
     short = [sha[:12] for sha in shas]

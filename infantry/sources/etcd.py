@@ -111,6 +111,9 @@ class EtcdSource:
         self._watching: str | None = None  # the member the last watch stream was opened on
         # Members that answered for another cluster than the one followed: member index -> cluster ID.
         self._foreign: dict[int, str] = {}
+        # Members that refused a request (a 4xx answer) since the last good answer: once every member
+        # has, the refusal is permanent (wrong credentials everywhere); until then the next is tried.
+        self._refused: set[int] = set()
         path = unquote(parts.path) or "/"
         self._prefix = (path if path.endswith("/") else path + "/").encode("utf-8")
         self._spec = spec
@@ -173,8 +176,18 @@ class EtcdSource:
     def _error(self, message: str, *, temporary: bool = True) -> SourceError:
         return SourceError(self.name, message, temporary=temporary)
 
-    def _malformed(self, message: str) -> UnsafeDataError:
+    def _malformed(self, message: str) -> SourceError | UnsafeDataError:
+        """An answer that is not etcd's: with several members, that member's fault, and the next is tried
+        (a wrong service on its port, a proxy's page); with one, refused data, as there is no other."""
+        if len(self._members) > 1:
+            return self._error(f"member {self._base} gave a malformed etcd response: {message}")
         return UnsafeDataError(self.name, f"malformed etcd response: {message}")
+
+    def _refusal(self, message: str) -> SourceError:
+        """A member refused a request (a 4xx answer, credentials refused): with several members the next
+        is tried, until every member has refused in a row; then, or with one member, it is permanent."""
+        self._refused.add(self._member)
+        return self._error(message, temporary=len(self._refused) < len(self._members))
 
     async def _authenticate(self) -> None:
         self._token = None  # an expired token sent along would get the login itself refused
@@ -187,7 +200,7 @@ class EtcdSource:
         answer = await self._post("/v3/auth/authenticate", body, authenticate=False)
         token = answer.get("token")
         if not isinstance(token, str) or not token:
-            raise self._error(f"etcd refused the credentials of user {self._spec.username!r}", temporary=False)
+            raise self._refusal(f"etcd refused the credentials of user {self._spec.username!r}")
         self._token = token
 
     def _headers(self) -> dict[str, str]:
@@ -264,14 +277,18 @@ class EtcdSource:
                 message = answer.get("message") or answer.get("error") or reason
                 if answer.get("code") == _OUT_OF_RANGE and "compacted" in str(message):
                     raise _Compacted
-                raise self._error(f"HTTP {status}: {message}", temporary=status >= 500)
+                if status >= 500:
+                    raise self._error(f"HTTP {status}: {message}")
+                raise self._refusal(f"HTTP {status}: {message}")
             answer = self._decode(raw)
             del raw  # a page's bytes go before its values are decoded
             if authenticate and attempt == 1 and self._rejected_token(status, answer):
                 await self._authenticate()
                 continue
+            if authenticate:
+                self._refused.clear()  # a good answer: members refused before it were refused apart
             return answer
-        raise self._error("etcd keeps rejecting the authentication token", temporary=False)
+        raise self._refusal("etcd keeps rejecting the authentication token")
 
     def _rejected_token(self, status: int, answer: dict[str, Any]) -> bool:
         return self._spec.username is not None and (status == 401 or answer.get("code") == _UNAUTHENTICATED)
@@ -291,7 +308,7 @@ class EtcdSource:
         """The JSON of an error answer, or nothing: a proxy's HTML error page is trouble, not bad data."""
         try:
             return self._decode(raw)
-        except UnsafeDataError:
+        except (SourceError, UnsafeDataError):
             return {}
 
     def _bytes(self, item: dict[str, Any], field: str) -> bytes:
@@ -352,21 +369,23 @@ class EtcdSource:
         return rebuilt
 
     def _foreign_member(self, cluster_id: str) -> None:
-        """Refuse a member that answers for another cluster than the one followed, unless all do.
+        """Refuse a member that answers for another cluster than the one followed, unless most do.
 
         A list of members that names one of another cluster is a mistake, and that member's keys are
-        not this store's: it is skipped (SourceError, and the next member is tried). Only when every
-        member in the list answers for one same new cluster is the cluster taken as rebuilt as a whole
-        (then _rebuilt reads everything again).
+        not this store's: it is skipped (SourceError, and the next member is tried). Once more than half
+        of the members listed have answered for one same new cluster (each member's latest answer
+        counts), that cluster is followed instead, as rebuilt (then _rebuilt reads everything again): a
+        cluster restored from a backup with a member still down, or a stray member that answered first.
         """
         if cluster_id == self._cluster_id:
             self._foreign.pop(self._member, None)
             return
         self._foreign[self._member] = cluster_id
-        if len(self._foreign) < len(self._members) or len(set(self._foreign.values())) > 1:
+        answered = sum(1 for other in self._foreign.values() if other == cluster_id)
+        if answered * 2 <= len(self._members):
             raise self._error(
                 f"member {self._base} answers for etcd cluster {cluster_id}, not cluster {self._cluster_id} "
-                "that the other members answered for; skipping it"
+                f"that infantry follows ({answered} of {len(self._members)} members answered for it); skipping it"
             )
         self._foreign.clear()
 
@@ -636,6 +655,7 @@ class EtcdSource:
                     if self._rejected_token(resp.status_code, answer):
                         self._token = None  # authenticate again on the next try
                     raise self._error(f"watch refused: HTTP {resp.status_code}: {answer.get('message', '')}")
+                self._refused.clear()  # a good answer, as in _post
                 if len(self._members) > 1 and self._watching != self._base:
                     self._watching = self._base
                     logger.info("%s: watching through member %s", self.name, self._base)

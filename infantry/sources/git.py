@@ -17,7 +17,13 @@ Each poll runs in a worker thread, and each of its two exchanges (the ref advert
 has the request timeout, enforced three ways: each read checks it (a peer that drip-feeds), sockets
 carry a read timeout (a peer that stalls), and when the waiting task gives up the ssh client is killed.
 Every read counts against a byte budget, so a huge ref advertisement or pack is refused at the cap, not
-held.
+held. What follows the exchanges (reading the pack, walking the tree; for ``git+file``, making the pack
+from local files too) is local work: bounded by the limits (each object's size, their sum, the entries
+walked), not by the timeout. A source runs one worker at a time: one abandoned at its deadline is
+stopped, and the next poll waits for it to end.
+
+Only git's smart protocols are spoken: a plain web server serving a repository ("dumb" HTTP, whole
+objects one by one, with no pack to cap) is refused before any object is asked for.
 """
 
 from __future__ import annotations
@@ -61,7 +67,12 @@ REFS_CAP = 4 << 20
 """The most bytes one ref advertisement may take: far more than any real one filtered to a ref."""
 PACK_FACTOR = 4
 """A pack may be this many times --max-total-size: it holds the whole tree at the commit, not only
-``path``, and up to ``depth`` commits of it."""
+``path``, and up to ``depth`` commits of it. The objects it holds inflate to no more than this together
+either, and each to no more than --max-file-size."""
+WALK_SLACK = 10_000
+"""A tree is walked through at most 2 x --max-files + this many entries (see ``_TreeReader``)."""
+REMEMBERED_SETS = 8
+"""The sets whose commits a source remembers, for the commits of the live set."""
 LINK_HOPS = 40
 """Links followed in a row before a chain is called a loop, as the kernel does."""
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\n"
@@ -102,10 +113,21 @@ class _Guard:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._sockets: list[socket.socket] = []
         self.aborted = False
+        self.local = False  # the exchanges are over (see ``offline``)
 
     def start(self, seconds: float, budget: int, what: str) -> None:
         self.deadline = time.monotonic() + seconds
         self.budget, self.used, self.what = budget, 0, what
+
+    def offline(self) -> None:
+        """The exchanges are over: what is left is local work, which has no deadline (the limits bound it)."""
+        self.deadline = float("inf")
+        self.local = True
+
+    def check(self) -> None:
+        """Stop local work for a waiter that gave up (or a source closed)."""
+        if self.aborted:
+            raise _Deadline
 
     def wrap(self, read: Callable[..., bytes]) -> Callable[..., bytes]:
         def guarded(*args: Any) -> bytes:
@@ -218,7 +240,7 @@ def _client(remote: str, spec: SourceSpec, guard: _Guard, timeout: float, pool: 
     if parts.scheme == "file":
         return LocalGitClient(), path
     if parts.scheme in ("http", "https"):
-        headers: dict[str, str] = {}
+        headers = dict(spec.headers)  # --header: to the source's own origin, as the credentials
         if spec.bearer_token_file is not None:
             # Read on every operation, so a rotated token is picked up without a restart.
             headers["Authorization"] = "Bearer " + read_secret(spec.bearer_token_file, "bearer-token-file")
@@ -227,19 +249,33 @@ def _client(remote: str, spec: SourceSpec, guard: _Guard, timeout: float, pool: 
             password = read_secret(spec.password_file, "password-file")
         elif username is None and parts.username is not None:
             username, password = unquote(parts.username), unquote(parts.password or "")
-        origin = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        origin = _origin(remote)
+        name = redact_url(spec.url)
 
         class Http(HttpClient):
             def _http_request(
                 self, url: str, headers: Any = None, data: Any = None, raise_for_status: bool = True
             ) -> Any:
                 sent = dict(headers or {})
-                target = urlsplit(url)
-                if (target.scheme, target.hostname, target.port or origin[2]) == origin:
+                if _origin(url) == origin:
                     sent.update(extra)
                 resp, read = super()._http_request(url, sent, data, raise_for_status)
                 guard.watch_socket(_socket_of(resp))
                 return resp, guard.wrap(read)
+
+            def _discover_references(self, *args: Any, **kwargs: Any) -> Any:
+                found = super()._discover_references(*args, **kwargs)
+                if self.dumb:
+                    # A plain web server ("dumb" HTTP) hands out whole objects one by one, with no pack
+                    # to cap and no depth: refused before any object is asked for.
+                    raise SourceError(
+                        name,
+                        "the server does not speak git's smart HTTP protocol (it answered info/refs as a plain "
+                        'web server would: "dumb" HTTP, which infantry does not support); serve the repository '
+                        "with git http-backend or a git host",
+                        temporary=False,
+                    )
+                return found
 
         extra = headers
         # Credentials go in headers, to the source's own origin only; never in the URL asked for.
@@ -307,6 +343,19 @@ def _client(remote: str, spec: SourceSpec, guard: _Guard, timeout: float, pool: 
     raise AssertionError(f"not a git remote: {parts.scheme}")
 
 
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    """Scheme, host and port of ``url``, the port made explicit (80 or 443 when not given), so that
+    ``http://h/`` and ``http://h:80/`` are one origin and ``http://h:8080/`` another."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return (parts.scheme, None, None)  # matches no origin: nothing is sent to it
+    if port is None:
+        port = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return (parts.scheme.lower(), (parts.hostname or "").lower() or None, port)
+
+
 def _socket_of(resp: Any) -> Any:
     """The socket an HTTP response is read from, or None: urllib3 keeps it on its connection while the
     connection is kept alive, and on the response's file object otherwise."""
@@ -354,7 +403,10 @@ def _pick(refs: dict[bytes, Any], ref: str | None) -> bytes | None:
 
 class _PackScan:
     """Reads a pack once, in order, checking what each object declares before anything is inflated
-    whole: the object count, each object's size (a delta's result size too), and the sum of them all.
+    whole: the object count, each object's size (a delta's result size too) against --max-file-size,
+    whatever its type and wherever it is in the tree (in ``path`` or not: the pack holds it, and reading
+    the pack inflates it), and the sum of them all. Reading the pack then holds about one object at a
+    time (a delta and its base), so its memory follows --max-file-size, not the size of the pack.
 
     Inflating is streamed a slice at a time into nothing, so a pack of highly compressible objects (a
     gigabyte of zeros is a megabyte of pack) is refused at the cap, never held.
@@ -421,15 +473,24 @@ class _PackScan:
                 raise self._bad(f"a pack object has an unknown type {kind}")
             result = self._inflate(size, delta=kind in (_OFS_DELTA, _REF_DELTA))
             if result > self._object_cap:
-                raise self._bad(f"the commit holds an object of {result} bytes, over the limit of {self._object_cap}")
+                raise self._bad(
+                    f"the commit holds an object of {result} bytes, over the per-file limit of {self._object_cap} "
+                    "(--max-file-size; every object the pack holds counts, in path or not)"
+                )
             total += result + size
             if total > self._inflate_cap:
-                raise self._bad(f"the commit's objects pass {self._inflate_cap} bytes together; it is too large")
+                raise self._bad(
+                    f"the commit's objects pass {self._inflate_cap} bytes together ({PACK_FACTOR} x max-total-size); "
+                    "it is too large"
+                )
 
     def _inflate(self, declared: int, *, delta: bool) -> int:
         """Inflate one object into nothing; its size (for a delta, the size of what it makes)."""
-        if declared > self._inflate_cap:
-            raise self._bad(f"a pack object declares {declared} bytes, over the limit of {self._inflate_cap}")
+        if declared > self._object_cap:
+            raise self._bad(
+                f"the commit holds an object of {declared} bytes, over the per-file limit of {self._object_cap} "
+                "(--max-file-size; every object the pack holds counts, in path or not)"
+            )
         z = zlib.decompressobj()
         out = 0
         head = b""
@@ -489,6 +550,11 @@ class GitSource:
         self._advertised: bytes | None = None  # what the ref pointed at when the last set was read
         self._last: _Fetched | None = None
         self._warned: str | None = None  # the commit whose gitlinks and LFS pointers were warned of
+        self._delivered: dict[str, str] = {}  # the commit of each set answered with lately, by version
+        self._busy = threading.Lock()  # held by the one worker of this source that may run
+        self._worker: asyncio.Future[tuple[bytes, _Fetched | None]] | None = None
+        # The commit whose tree was refused, and why: refused again at once until the ref moves.
+        self._refused: tuple[bytes, UnsafeDataError] | None = None
 
     # -- the network, in a worker thread -----------------------------------------------------------
 
@@ -548,6 +614,8 @@ class GitSource:
         cap = PACK_FACTOR * limits.max_total_size
         guard.start(self._timeout, cap + REFS_CAP, "the pack")
         client, path = self._connect(guard)
+        if self._remote.startswith("file:"):
+            guard.offline()  # the pack is made here, from local files: local work, with no deadline
         try:
             writer = spool.current().writer(cap)
         except spool.SpoolError as exc:
@@ -558,7 +626,7 @@ class GitSource:
                     path.encode() if path else b"",
                     _wants(want),
                     _NoHaves(),
-                    lambda data: _write(writer, data),
+                    lambda data: _write(writer, data, guard),
                     depth=self._depth,
                     ref_prefix=self._prefixes(),
                 )
@@ -571,20 +639,22 @@ class GitSource:
             if writer.size == 0:
                 raise SourceError(self.name, f"the server sent no pack for {want.decode()[:12]}")
             blob = writer.finish()
+        # The network is done with: what follows is local work, bounded by the limits, not by a deadline.
+        guard.offline()
         max_objects = 2 * limits.max_files + 10_000
         with blob.open() as handle:
-            _PackScan(handle, self.name, max_objects, limits.max_total_size, cap).run()
+            _PackScan(handle, self.name, max_objects, limits.max_file_size, cap).run()
         with blob.open() as handle:
             data = PackData.from_file(handle, SHA1, blob.size)
             try:
                 entries: list[Any] = list(data.sorted_entries())
                 index = MemoryPackIndex(entries, SHA1, data.get_stored_checksum())
                 pack = Pack.from_objects(data, index)
-                return self._read_commit(pack, want)
+                return self._read_commit(pack, want, guard)
             finally:
                 data.close()
 
-    def _read_commit(self, pack: Pack, want: bytes) -> _Fetched:
+    def _read_commit(self, pack: Pack, want: bytes, guard: _Guard) -> _Fetched:
         from dulwich.objects import Commit, Tag, Tree
 
         obj = self._object(pack, want)
@@ -606,7 +676,13 @@ class GitSource:
                 raise SourceError(self.name, where, temporary=False)
             tree = sub
         builder = SnapshotBuilder(self.name, self._limits)
-        notes = _TreeReader(self, pack, builder, tree).run()
+        budget = 2 * self._limits.max_files + WALK_SLACK
+        try:
+            notes = _TreeReader(self, pack, builder, tree, budget, guard).run()
+        except UnsafeDataError as exc:
+            # A commit's tree never changes: it is refused again without being fetched and walked again.
+            self._refused = (want, exc)
+            raise
         if notes and self._warned != commit:
             self._warned = commit
             for note in notes:
@@ -625,25 +701,43 @@ class GitSource:
             sha = self._resolve(guard)
             if sha == known:
                 return sha, None
+            if self._refused is not None and self._refused[0] == sha:
+                raise self._refused[1]
             return sha, self._load(sha, guard)
         finally:
             guard.reap()
+            self._busy.release()
 
     # -- the async side ------------------------------------------------------------------------------
 
     async def poll(self) -> Snapshot | None:
         """One ref advertisement; a fetch only if the ref moved. None when it did not."""
         known = self._advertised if self._last is not None else None
+        # One worker at a time: one abandoned at its deadline is stopped (its sockets shut down, its ssh
+        # client killed, its local work checks the guard), but may take a moment to end: it is given the
+        # request timeout to.
+        if not self._busy.acquire(blocking=False):
+            if self._worker is not None and self._worker.get_loop() is asyncio.get_running_loop():
+                await asyncio.wait([self._worker], timeout=self._timeout)
+            if not self._busy.acquire(blocking=False):
+                raise SourceError(self.name, "the previous poll, stopped at its deadline, has not ended yet")
         try:
-            # Each of the two exchanges has the request timeout; past both (and a little), the worker is
-            # stopped: its sockets are shut down and its ssh client killed, so no thread is left behind.
-            async with asyncio.timeout(2 * self._timeout + 0.5):
-                # A guard of its own: a worker abandoned at its deadline keeps its own, already aborted.
-                guard = self._guard = _Guard()
-                sha, fetched = await threads.run(self._sync, known, guard)
+            # A guard of its own: a worker abandoned at its deadline keeps its own, already aborted.
+            guard = self._guard = _Guard()
+            guard.deadline = time.monotonic() + self._timeout  # until the worker starts its first exchange
+            try:
+                worker = self._worker = threads.start(self._sync, known, guard)
+                worker.add_done_callback(_retrieved)  # an abandoned worker's error is no one's to report
+            except BaseException:
+                self._busy.release()
+                raise
+            sha, fetched = await self._wait(worker, guard)
         except TimeoutError:
             self._guard.abort()
             raise self._late() from None
+        except asyncio.CancelledError:
+            self._guard.abort()  # no one waits for the answer any more
+            raise
         except (SourceError, UnsafeDataError, SettingsError):
             raise
         except _Deadline:
@@ -659,8 +753,32 @@ class GitSource:
         moved = self._last is not None and self._last.commit != fetched.commit
         self._last = fetched
         if changed or moved:
+            self._delivered.pop(fetched.snapshot.version, None)
+            self._delivered[fetched.snapshot.version] = fetched.commit
+            while len(self._delivered) > REMEMBERED_SETS:
+                del self._delivered[next(iter(self._delivered))]
             return fetched.snapshot
         return None
+
+    @staticmethod
+    async def _wait(
+        worker: asyncio.Future[tuple[bytes, _Fetched | None]], guard: _Guard
+    ) -> tuple[bytes, _Fetched | None]:
+        """The worker's result. Each exchange has its own deadline (the request timeout, and a little for
+        a read blocked past it); the local work after them (reading the pack) has none: the limits bound
+        it. Past a deadline, TimeoutError."""
+        while True:
+            left = None if guard.local else guard.deadline + 0.5 - time.monotonic()
+            try:
+                return await asyncio.wait_for(asyncio.shield(worker), left)
+            except TimeoutError:
+                if guard.local or time.monotonic() < guard.deadline + 0.5:
+                    continue  # the worker moved on to its next exchange, or to local work
+                raise
+
+    def commit_of(self, version: str) -> str | None:
+        """The commit the set of ``version`` was read at, if this source answered with it lately."""
+        return self._delivered.get(version)
 
     def _late(self) -> SourceError:
         return SourceError(self.name, f"no complete answer within the request timeout of {self._timeout:g}s")
@@ -686,7 +804,22 @@ class GitSource:
             return SourceError(self.name, "no git repository there (HTTP 404, or not a repository)", temporary=False)
         text = " ".join(str(exc).split())
         # ssh's own verdicts first: the pipe to an ssh client that gave up also breaks.
-        if "Host key verification failed" in text or "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:
+        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:
+            return SourceError(
+                self.name,
+                "the SSH server's host key DIFFERS from the one in the known_hosts file (ssh-known-hosts): "
+                "someone may be intercepting the connection (a man-in-the-middle), or the server's key was "
+                "replaced; ask the server's owner for its fingerprint before changing known_hosts",
+                temporary=False,
+            )
+        if "UNPROTECTED PRIVATE KEY FILE" in text or "bad permissions" in text:
+            return SourceError(
+                self.name,
+                "ssh refuses the key file (ssh-key-file): others may read it; make it readable by its owner only "
+                "(chmod 600, or a Secret mounted with defaultMode: 0400)",
+                temporary=False,
+            )
+        if "Host key verification failed" in text:
             return SourceError(
                 self.name,
                 "the SSH server's host key is not in the known_hosts file (ssh-known-hosts); add it, checked "
@@ -715,6 +848,7 @@ class GitSource:
         """Fetch and read the whole tree again on the next poll, and answer with it."""
         self._last = None
         self._advertised = None
+        # A refused commit stays refused: its tree, and the limits, are the same as when it was read.
 
     async def fetch(self) -> Snapshot:
         """Read the tree at the ref now, ignoring what was seen before."""
@@ -738,6 +872,11 @@ class GitSource:
         self._guard.abort()
         if self._pool is not None:
             self._pool.clear()
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _os_error(exc: BaseException) -> str | None:
@@ -785,38 +924,74 @@ def _entry(tree: Any, name: str) -> tuple[int, bytes] | None:
 
 class _TreeReader:
     """Walks a tree into a SnapshotBuilder: files as they are, links only to files inside the tree,
-    gitlinks (submodules) skipped, LFS pointers published as the pointers they are."""
+    gitlinks (submodules) skipped, LFS pointers published as the pointers they are.
 
-    def __init__(self, source: GitSource, pack: Pack, builder: SnapshotBuilder, root: Any) -> None:
+    Every entry met costs one unit of a budget (``2 x --max-files + WALK_SLACK``): files, links,
+    submodules and directories, a directory each time it is met (a few small tree objects that name one
+    another a thousand times over make a billion directories), every link followed, and a tree read
+    again to follow a link costs its entries. Past the budget the set is refused at once, so the walk is
+    bounded however the tree is built. A tree object is read only when its turn comes, after it was
+    charged for.
+    """
+
+    _CACHED_TREES = 32  # trees kept read for following links
+
+    def __init__(
+        self, source: GitSource, pack: Pack, builder: SnapshotBuilder, root: Any, budget: int, guard: _Guard
+    ) -> None:
         self._source = source
         self._pack = pack
         self._builder = builder
         self._root = root
         self._notes: list[str] = []
+        self._budget = budget
+        self._left = budget
+        self._guard = guard
+        self._trees: dict[bytes, Any] = {}
+        self._targets: dict[bytes, tuple[int, bytes]] = {}
+
+    def _charge(self, units: int = 1) -> None:
+        self._guard.check()
+        self._left -= units
+        if self._left < 0:
+            raise self._builder.reject(
+                f"the tree has more than {self._budget} entries to walk (2 x max-files + {WALK_SLACK}; each file, "
+                "link, submodule and directory counts, a directory each time it is met, and each link followed)"
+            )
 
     def run(self) -> list[str]:
         from dulwich.objects import Tree
 
-        pending: list[tuple[Any, str]] = [(self._root, "")]
+        # Each directory to read, as its parent's path and its name: the parent's path is one string shared
+        # by its children, so what waits here costs a name each, however long the paths.
+        pending: list[tuple[bytes | None, str, str]] = [(None, "", "")]
+        links: list[tuple[str, bytes]] = []
         while pending:
-            tree, prefix = pending.pop()
+            sha, parent, name = pending.pop()
+            prefix = f"{parent}{name}/" if name else ""
+            tree = self._root
+            if sha is not None:
+                tree = self._source._object(self._pack, sha)
+                if not isinstance(tree, Tree):
+                    raise self._builder.reject(f"{printable(prefix.rstrip('/'))} is not a tree")
             for item in tree.iteritems():
-                rel = prefix + self._name(item.path, prefix)
+                self._charge()
+                entry = self._name(item.path, prefix)
+                rel = prefix + entry
                 mode = int(item.mode)
                 if stat.S_ISDIR(mode):
                     self._builder.check_dir(rel)
-                    sub = self._source._object(self._pack, item.sha)
-                    if not isinstance(sub, Tree):
-                        raise self._builder.reject(f"{printable(rel)} is not a tree")
-                    pending.append((sub, rel + "/"))
+                    pending.append((item.sha, prefix, entry))
                 elif mode == _MODE_GITLINK:
                     self._notes.append(f"{printable(rel)} is a submodule; submodules are not followed")
                 elif mode == _MODE_LINK:
-                    self._add(rel, self._link(rel, item.sha), executable=False)
+                    links.append((rel, item.sha))
                 elif stat.S_ISREG(mode):
                     self._add(rel, item.sha, executable=bool(mode & 0o100))
                 else:
                     raise self._builder.reject(f"{printable(rel)} has an unknown mode {mode:o}")
+        for rel, sha in links:
+            self._add(rel, self._link(rel, sha), executable=False)
         return self._notes
 
     def _name(self, raw: bytes, prefix: str) -> str:
@@ -843,11 +1018,21 @@ class _TreeReader:
             raise self._builder.reject(f"the server's pack lacks object {sha.decode()[:12]}") from None
         return int(kind), bytes(data)
 
+    def _target(self, sha: bytes) -> tuple[int, bytes]:
+        """What a link's object holds, read once however many links share it."""
+        found = self._targets.get(sha)
+        if found is None:
+            kind, data = self._raw(sha)
+            found = (kind, data if len(data) <= 4096 else b"/")  # a target longer than a path may be: refused
+            self._targets[sha] = found
+        return found
+
     def _link(self, rel: str, sha: bytes) -> bytes:
         """The content behind the link at ``rel``: a file inside the tree, reached by at most LINK_HOPS links."""
         here = rel
         for _ in range(LINK_HOPS):
-            kind, target = self._raw(sha)
+            self._charge()
+            kind, target = self._target(sha)
             text = target.decode("utf-8", "replace")
             if kind != _BLOB or target.startswith(b"/") or "\x00" in text:
                 raise self._builder.reject(f"{printable(rel)} is a link to something outside the tree")
@@ -867,11 +1052,10 @@ class _TreeReader:
         raise self._builder.reject(f"{printable(rel)} is a link loop")
 
     def _lookup(self, rel: str) -> tuple[int, bytes] | None:
-        from dulwich.objects import Tree
-
         tree = self._root
         parts = rel.split("/")
         for i, part in enumerate(parts):
+            self._charge()
             entry = _entry(tree, part)
             if entry is None:
                 return None
@@ -879,10 +1063,25 @@ class _TreeReader:
                 return entry
             if not stat.S_ISDIR(entry[0]):
                 return None
-            tree = self._source._object(self._pack, entry[1])
-            if not isinstance(tree, Tree):
+            tree = self._tree(entry[1])
+            if tree is None:
                 return None
         return None
+
+    def _tree(self, sha: bytes) -> Any:
+        """The tree ``sha``, from the few kept read, or read (and charged for its entries); None if not a tree."""
+        from dulwich.objects import Tree
+
+        tree = self._trees.pop(sha, None)
+        if tree is None:
+            tree = self._source._object(self._pack, sha)
+            if not isinstance(tree, Tree):
+                return None
+            self._charge(len(tree))
+            if len(self._trees) >= self._CACHED_TREES:
+                del self._trees[next(iter(self._trees))]
+        self._trees[sha] = tree  # the most recently used last
+        return tree
 
 
 def _has_git(path: str) -> bool:
@@ -896,6 +1095,7 @@ def _wants(want: bytes) -> Any:
     return determine_wants
 
 
-def _write(writer: spool.BlobWriter, data: bytes) -> int:
+def _write(writer: spool.BlobWriter, data: bytes, guard: _Guard) -> int:
+    guard.check()
     writer.write(data)
     return len(data)
