@@ -216,3 +216,15 @@ def test_a_password_cut_at_an_unencoded_hash_is_never_shown() -> None:
     # No password, none hinted at.
     assert redact_url("git+ssh://git@h:22/r.git") == "git+ssh://git@h:22/r.git"
     assert redact_url("etcd://h1:2379,h2:2379/p/") == "etcd://h1:2379,h2:2379/p/"
+
+
+def test_header_values_are_never_carried_along_a_redirect() -> None:
+    from infantry.snapshot import Limits
+    from infantry.sources.git import GitSource
+
+    spec = SourceSpec.model_validate(
+        {"url": "git+https://git.example/r.git", "headers": {"X-Api-Key": "k", "Private-Token": "t"}}
+    )
+    pool = GitSource(spec, Limits(), 1.0)._http_pool()
+    dropped = pool.connection_pool_kw["retries"].remove_headers_on_redirect
+    assert {"x-api-key", "private-token", "authorization"} <= set(dropped)

@@ -574,7 +574,20 @@ class GitSource:
             self._pool = urllib3.PoolManager(
                 ssl_context=context,
                 timeout=urllib3.Timeout(connect=self._timeout, read=self._timeout),
-                retries=urllib3.Retry(connect=0, read=0, status=0, other=0, redirect=5, raise_on_redirect=True),
+                retries=urllib3.Retry(
+                    connect=0,
+                    read=0,
+                    status=0,
+                    other=0,
+                    redirect=5,
+                    raise_on_redirect=True,
+                    # --header values may be credentials (an API key): like Authorization, never carried
+                    # along a redirect, which may lead to another origin.
+                    remove_headers_on_redirect=[
+                        *urllib3.Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT,
+                        *self._spec.headers,
+                    ],
+                ),
                 maxsize=1,
                 headers={"User-Agent": f"git/infantry-{__version__}"},
             )
