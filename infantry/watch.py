@@ -274,15 +274,16 @@ class Watcher:
                         self.metrics.syncs.labels("unchanged").inc()
                         memory.give_back()  # a source may have read a whole set to find it unchanged
                         continue
-                    logger.debug(
-                        "%s: %s (%d files)",
-                        source.name,
-                        item.short_version,
-                        len(item.files),
-                        extra=logs.fields(
-                            event="changed", source=source.name, version=item.version, files=len(item.files)
-                        ),
-                    )
+                    if logger.isEnabledFor(logging.DEBUG):  # the hot path: no fields made for nothing
+                        logger.debug(
+                            "%s: %s (%d files)",
+                            source.name,
+                            item.short_version,
+                            len(item.files),
+                            extra=logs.fields(
+                                event="changed", source=source.name, version=item.version, files=len(item.files)
+                            ),
+                        )
                     self.metrics.syncs.labels("changed").inc()
                     state.refused = None
                     self._parts[index] = item
@@ -612,7 +613,7 @@ class Watcher:
                 "version %s failed verification (%s); no previous set to roll back to", snapshot.short_version, problem
             )
             return None
-        self._live = restored
+        self._live, self._published_at = restored, time.time()  # live again from now
         self.metrics.rollbacks.inc()
         self.metrics.set_version(restored.version, len(restored.files))
         self._report_commits(restored)
