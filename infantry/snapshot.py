@@ -377,6 +377,10 @@ class SnapshotBuilder:
             raise self._spool_error(path, exc) from None
         self._put(path, entry)
 
+    def entry(self, path: str) -> FileEntry:
+        """The entry added for ``path``."""
+        return self._files[path]
+
     def add_entry(self, path: str, entry: FileEntry) -> None:
         """Add a file whose content is already held (in memory or in the spool)."""
         self._admit(path)

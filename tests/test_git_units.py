@@ -6,6 +6,7 @@ import io
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -228,3 +229,44 @@ def test_header_values_are_never_carried_along_a_redirect() -> None:
     pool = GitSource(spec, Limits(), 1.0)._http_pool()
     dropped = pool.connection_pool_kw["retries"].remove_headers_on_redirect
     assert {"x-api-key", "private-token", "authorization"} <= set(dropped)
+
+
+def test_objects_met_again_in_a_walk_are_not_read_again() -> None:
+    """Reading an object may mean resolving a long chain of deltas: a tree naming the same subtree and
+    the same file a thousand times over must cost one read of each (each meeting is still charged)."""
+    from dulwich.objects import Blob, Tree
+
+    from infantry.snapshot import Limits, SnapshotBuilder
+    from infantry.sources.git import _TreeReader
+
+    blob = Blob.from_string(b"same content\n")
+    sub = Tree()
+    sub.add(b"f.conf", 0o100644, blob.id)
+    root = Tree()
+    for i in range(1000):
+        root.add(b"d%04d" % i, 0o040000, sub.id)
+        root.add(b"x%04d" % i, 0o100755, blob.id)
+    objects: dict[bytes, Any] = {blob.id: blob, sub.id: sub}
+    reads: list[bytes] = []
+
+    class Pack:
+        def __getitem__(self, sha: bytes) -> object:
+            reads.append(sha)
+            return objects[sha]
+
+        def get_raw(self, sha: bytes) -> tuple[int, bytes]:
+            reads.append(sha)
+            return objects[sha].type_num, objects[sha].as_raw_string()
+
+    class Source:
+        name = "test"
+
+        def _object(self, pack: Pack, sha: bytes) -> object:
+            return pack[sha]
+
+    builder = SnapshotBuilder("test", Limits())
+    _TreeReader(Source(), Pack(), builder, root, 100_000, _Guard()).run()  # type: ignore[arg-type]
+    snapshot = builder.build()
+    assert len(snapshot.files) == 2000 and snapshot.files["x0007"].executable
+    assert not snapshot.files["d0007/f.conf"].executable
+    assert sorted(reads) == sorted([blob.id, sub.id])

@@ -53,7 +53,7 @@ from infantry import __version__, spool, threads
 from infantry.errors import SettingsError, SourceError, UnsafeDataError
 from infantry.secrets import read_secret
 from infantry.settings import SourceSpec, child_environment, redact_url
-from infantry.snapshot import Limits, Snapshot, SnapshotBuilder, printable
+from infantry.snapshot import FileEntry, Limits, Snapshot, SnapshotBuilder, printable
 from infantry.sources import tls_hint
 
 if TYPE_CHECKING:
@@ -70,6 +70,8 @@ PACK_FACTOR = 4
 ``path``, and up to ``depth`` commits of it. The objects it holds inflate to no more than this together
 either, and each to no more than --max-file-size."""
 WALK_SLACK = 10_000
+# Trees kept read during one walk, so that meeting one again costs no delta resolution (see _TreeReader).
+WALKED_TREE_BYTES = 32 << 20
 """A tree is walked through at most 2 x --max-files + this many entries (see ``_TreeReader``)."""
 REMEMBERED_SETS = 8
 """The sets whose commits a source remembers, for the commits of the live set."""
@@ -962,6 +964,13 @@ class _TreeReader:
         self._guard = guard
         self._trees: dict[bytes, Any] = {}
         self._targets: dict[bytes, tuple[int, bytes]] = {}
+        # Objects met again are not read again: reading one may mean resolving a long chain of deltas,
+        # and a tree can name the same objects many times over (each meeting is still charged). Trees
+        # are kept up to WALKED_TREE_BYTES (more than the budget lets a walk meet); a file's entry, for
+        # every file, costs an entry the set holds anyway.
+        self._walked: dict[bytes, Any] = {}
+        self._walked_bytes = 0
+        self._entries: dict[bytes, tuple[FileEntry, bool]] = {}
 
     def _charge(self, units: int = 1) -> None:
         self._guard.check()
@@ -984,9 +993,14 @@ class _TreeReader:
             prefix = f"{parent}{name}/" if name else ""
             tree = self._root
             if sha is not None:
-                tree = self._source._object(self._pack, sha)
-                if not isinstance(tree, Tree):
-                    raise self._builder.reject(f"{printable(prefix.rstrip('/'))} is not a tree")
+                tree = self._walked.get(sha)
+                if tree is None:
+                    tree = self._source._object(self._pack, sha)
+                    if not isinstance(tree, Tree):
+                        raise self._builder.reject(f"{printable(prefix.rstrip('/'))} is not a tree")
+                    if self._walked_bytes < WALKED_TREE_BYTES:
+                        self._walked[sha] = tree
+                        self._walked_bytes += 64 * len(tree)
             for item in tree.iteritems():
                 self._charge()
                 entry = self._name(item.path, prefix)
@@ -1017,12 +1031,20 @@ class _TreeReader:
         return name
 
     def _add(self, rel: str, sha: bytes, *, executable: bool) -> None:
-        kind, data = self._raw(sha)
-        if kind != _BLOB:
-            raise self._builder.reject(f"{printable(rel)} is not a file's content")
-        if data.startswith(LFS_POINTER):
+        known = self._entries.get(sha)
+        if known is None:
+            kind, data = self._raw(sha)
+            if kind != _BLOB:
+                raise self._builder.reject(f"{printable(rel)} is not a file's content")
+            self._builder.add(rel, data, executable=executable)
+            known = self._entries[sha] = (self._builder.entry(rel), data.startswith(LFS_POINTER))
+        else:
+            entry = known[0]
+            self._builder.add_entry(
+                rel, FileEntry(entry.content, executable) if entry.executable != executable else entry
+            )
+        if known[1]:
             self._notes.append(f"{printable(rel)} is a Git LFS pointer; LFS content is not followed")
-        self._builder.add(rel, data, executable=executable)
 
     def _raw(self, sha: bytes) -> tuple[int, bytes]:
         try:
