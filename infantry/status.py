@@ -194,8 +194,13 @@ def _kubelet(dest: Path, names: list[str], file_mode: int) -> DestinationState:
             continue
         if name.startswith(TMP_PREFIX) or name == f"{DATA}_tmp" or SNAPSHOT_DIR.fullmatch(name):
             state.leftovers.append(name)  # a publish that did not finish, or a set no longer kept
-        elif os.path.islink(dest / name) and os.readlink(dest / name).startswith(f"{DATA}/"):
-            state.leftovers.append(name)  # a link to a name the live set no longer has
+        else:
+            try:
+                target = os.readlink(dest / name)
+            except OSError:
+                continue  # not a link (someone else's file), or gone meanwhile
+            if target.startswith(f"{DATA}/"):
+                state.leftovers.append(name)  # a link to a name the live set no longer has
     return state
 
 
