@@ -32,12 +32,40 @@ FIELDS = (
 )
 
 
-def fields(**values: Any) -> dict[str, Any]:
-    """Fields for a log line's ``extra``; None values are left out."""
-    unknown = set(values) - set(FIELDS)
-    if unknown:
-        raise ValueError(f"unknown log fields: {sorted(unknown)}")
-    return {key: value for key, value in values.items() if value is not None}
+def fields(
+    *,
+    event: str | None = None,
+    source: str | None = None,
+    version: str | None = None,
+    files: int | None = None,
+    duration_ms: float | None = None,
+    error: str | None = None,
+    attempt: int | None = None,
+    next_retry_s: float | None = None,
+    deadline_s: float | None = None,
+    commit: str | None = None,
+    dest: str | None = None,
+    address: str | None = None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fields for a log line's ``extra`` (named, so a field that does not exist is a type error, not a
+    line lost); None values are left out."""
+    given = {
+        "event": event,
+        "source": source,
+        "version": version,
+        "files": files,
+        "duration_ms": duration_ms,
+        "error": error,
+        "attempt": attempt,
+        "next_retry_s": next_retry_s,
+        "deadline_s": deadline_s,
+        "commit": commit,
+        "dest": dest,
+        "address": address,
+        "settings": settings,
+    }
+    return {key: value for key, value in given.items() if value is not None}
 
 
 class JsonFormatter(logging.Formatter):

@@ -159,3 +159,19 @@ def test_a_failing_source_logs_each_attempt_and_status_says_when_it_is_tried_nex
 
 def events(watch: Watch, event: str) -> list[dict[str, Any]]:
     return [line for line in json_lines(watch.log()) if line.get("event") == event]
+
+
+def test_every_field_a_line_may_carry_can_be_given_and_is_shown_in_json() -> None:
+    import logging
+
+    from infantry import logs
+
+    values: dict[str, Any] = {name: name for name in logs.FIELDS}
+    values.update(files=3, duration_ms=1.5, attempt=2, next_retry_s=0.5, deadline_s=9.0, settings={"a": 1})
+    given = logs.fields(**values)
+    assert set(given) == set(logs.FIELDS)
+    record = logging.LogRecord("infantry.test", logging.INFO, __file__, 1, "message", None, None)
+    record.__dict__.update(given)
+    shown = json.loads(logs.JsonFormatter().format(record))
+    assert {key: shown[key] for key in logs.FIELDS} == values
+    assert logs.fields(event="x", source=None) == {"event": "x"}
